@@ -1,0 +1,87 @@
+"""Internal pytree helpers: '/'-joined paths, structure checks and boundary validation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+
+
+def path_str(path) -> str:
+  """Returns the '/'-joined key path, with nnx's trailing `value` stripped."""
+  s = jax.tree_util.keystr(path, simple=True, separator="/")
+  if s.endswith("/value"):
+    s = s[: -len("/value")]
+  return s
+
+
+def paths(tree: PyTree) -> list[str]:
+  """Returns the '/'-joined path of every leaf, in leaf order."""
+  return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def leaves_with_paths(tree: PyTree) -> list[tuple[str, Any]]:
+  return [(path_str(p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def is_traced(x) -> bool:
+  return isinstance(x, jax.core.Tracer)
+
+
+def is_float(x) -> bool:
+  return jnp.issubdtype(jnp.result_type(x.dtype), jnp.floating)
+
+
+def check_same_structure(a: PyTree, b: PyTree, a_name: str = "params", b_name: str = "masks",
+                         is_leaf=None) -> None:
+  """Raises ValueError naming the first path where two trees differ in structure."""
+  ta = jax.tree.structure(a, is_leaf=is_leaf)
+  tb = jax.tree.structure(b, is_leaf=is_leaf)
+  if ta == tb:
+    return
+  pa, pb = paths(a), paths(b)
+  for x, y in zip(pa, pb):
+    if x != y:
+      raise ValueError(f"{b_name} does not match {a_name}: first differing path is {x!r} in {a_name} "
+                       f"vs {y!r} in {b_name}.")
+  if len(pa) != len(pb):
+    longer, name = (pa, a_name) if len(pa) > len(pb) else (pb, b_name)
+    raise ValueError(f"{b_name} does not match {a_name}: {a_name} has {len(pa)} leaves, {b_name} has "
+                     f"{len(pb)}; first extra path is {longer[min(len(pa), len(pb))]!r} in {name}.")
+  raise ValueError(f"{b_name} does not match {a_name}: same paths, different containers "
+                   f"({ta} vs {tb}).")
+
+
+def check_broadcastable(params: PyTree, masks: PyTree) -> None:
+  """Raises if a mask leaf is not a bool broadcastable to its param leaf."""
+  check_same_structure(params, masks)
+  for (path, p), m in zip(leaves_with_paths(params), jax.tree.leaves(masks)):
+    mshape = np.shape(m)
+    if len(mshape) > len(p.shape) or any(
+        ms not in (1, ps) for ms, ps in zip(mshape[::-1], p.shape[::-1])):
+      raise ValueError(f"mask at {path!r} has shape {mshape}, not broadcastable to the param's "
+                       f"shape {tuple(p.shape)}.")
+    if jnp.result_type(m) != jnp.bool_:
+      raise TypeError(f"mask at {path!r} has dtype {jnp.result_type(m)}; masks are bool (True = keep).")
+
+
+def check_finite(scores: PyTree, name: str = "scores") -> None:
+  """Raises ValueError naming the first leaf with NaN/inf entries (skipped for traced values)."""
+  for path, s in leaves_with_paths(scores):
+    if is_traced(s) or isinstance(s, jax.ShapeDtypeStruct) or not hasattr(s, "dtype"):
+      continue
+    if jnp.issubdtype(s.dtype, jnp.floating) and not bool(jnp.all(jnp.isfinite(s))):
+      n = int(jnp.sum(~jnp.isfinite(s)))
+      raise ValueError(f"{name} at {path!r} contain {n} NaN/inf entries; scores must be finite.")
+
+
+def check_sparsity(s, what: str = "sparsity") -> None:
+  if is_traced(s):
+    return
+  s = float(s)
+  if not 0.0 <= s < 1.0:
+    raise ValueError(f"{what} must be in [0, 1), got {s}.")

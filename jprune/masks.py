@@ -1,0 +1,502 @@
+"""Scores -> masks: threshold, exact top-k (layer or global scope), N:M, blocks, neurons/channels; mask algebra.
+
+Masks are bool trees with the params' structure (True = keep). A leaf's mask is broadcastable to the leaf:
+full shape for unstructured, N:M and block sparsity; size-1 axes for neurons/channels (a Dense kernel `(in, out)`
+pruned by output neuron has mask shape `(1, out)`); a scalar `True` for leaves that are not selected.
+
+Global selection never sorts or concatenates the model. Scores are mapped to int32 keys that are monotone in the
+float value, and the k-th smallest key is found with counting passes (elementwise ops and reductions only), each
+pass snapping the bracket to actual data values and guessing the next threshold by interpolation, with bisection
+steps to bound the worst case. Ties at the threshold are broken by leaf order, then row-major index.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jprune import _tree
+from jprune import select as _select
+
+PyTree = Any
+_INT_MIN = np.iinfo(np.int32).min
+_INT_MAX = np.iinfo(np.int32).max
+_PRUNED_KEY = _INT_MIN + 1   # key of already-pruned entries: below every real score
+_SAMPLE = 1 << 14            # size of the strided sample that seeds the search
+
+
+# ----------------------------------------------------------------------------------------------- granularity
+class Granularity(NamedTuple):
+  """How scores become masks: `kind` in {unstructured, nm, blocks, neurons}; static config only."""
+  kind: str = "unstructured"
+  n: int = 0
+  m: int = 0
+  axis: Optional[int] = None
+  block: tuple = ()
+  reduce: str = "mean"
+
+
+def unstructured() -> Granularity:
+  """Prune individual entries."""
+  return Granularity("unstructured")
+
+
+def nm(n: int, m: int, axis: Optional[int] = None) -> Granularity:
+  """Keep exactly `n` of every `m` consecutive entries along `axis` (default: the input axis, -2, of kernels).
+
+  For a Flax Dense kernel `(in, out)` the default groups along `in`, which is the 2:4 pattern sparse tensor cores
+  use for `x @ kernel`.
+  """
+  if not (isinstance(n, int) and isinstance(m, int) and 0 < n <= m):
+    raise ValueError(f"nm(n, m) needs integers 0 < n <= m, got n={n!r}, m={m!r}.")
+  return Granularity("nm", n=n, m=m, axis=axis)
+
+
+def blocks(bh: int, bw: int) -> Granularity:
+  """Prune `(bh, bw)` blocks of the last two axes together (block score = mean of its scores)."""
+  if bh < 1 or bw < 1:
+    raise ValueError(f"blocks(bh, bw) needs positive sizes, got ({bh}, {bw}).")
+  return Granularity("blocks", block=(int(bh), int(bw)))
+
+
+def neurons(axis: int = -1, reduce: str = "mean") -> Granularity:
+  """Prune whole slices along `axis` (default: output units); unit score = `reduce` over the other axes."""
+  if reduce not in ("mean", "sum", "l2", "max"):
+    raise ValueError(f"reduce must be one of mean, sum, l2, max; got {reduce!r}.")
+  return Granularity("neurons", axis=axis, reduce=reduce)
+
+
+def channels(axis: int = -1, reduce: str = "mean") -> Granularity:
+  """Prune conv filters / output channels (axis -1 of `(h, w, in, out)`); `axis=-2` prunes input channels."""
+  return neurons(axis=axis, reduce=reduce)
+
+
+def parse_granularity(spec) -> Granularity:
+  """Accepts a Granularity or a string: 'unstructured', 'neurons', 'channels', '2:4', 'blocks4x4'."""
+  if isinstance(spec, Granularity):
+    return spec
+  if spec in (None, "unstructured"):
+    return unstructured()
+  if spec in ("neurons", "channels", "filters"):
+    return neurons()
+  if isinstance(spec, str) and ":" in spec:
+    n, m = spec.split(":")
+    return nm(int(n), int(m))
+  if isinstance(spec, str) and spec.startswith("blocks"):
+    bh, bw = spec[len("blocks"):].split("x")
+    return blocks(int(bh), int(bw))
+  raise ValueError(f"unknown granularity {spec!r}; expected unstructured, neurons, channels, N:M or blocksHxW.")
+
+
+def _norm_axis(axis, ndim, path, what):
+  if axis is None:
+    axis = -2 if ndim >= 2 else 0
+  if not -ndim <= axis < ndim:
+    raise ValueError(f"{what} axis {axis} is out of range for {path!r} with {ndim} dims.")
+  return axis % ndim
+
+
+def check_granularity(g: Granularity, path: str, shape: Sequence[int]) -> None:
+  """Raises a ValueError naming `path` when `g` cannot apply to a leaf of `shape`."""
+  ndim = len(shape)
+  if g.kind == "nm":
+    ax = _norm_axis(g.axis, ndim, path, "N:M")
+    if shape[ax] % g.m:
+      raise ValueError(f"N:M {g.n}:{g.m} needs axis {ax} of {path!r} (size {shape[ax]}) to be divisible by {g.m}.")
+  elif g.kind == "blocks":
+    if ndim < 2:
+      raise ValueError(f"blocks{g.block} needs a leaf with at least 2 dims; {path!r} has shape {tuple(shape)}.")
+    if shape[-2] % g.block[0] or shape[-1] % g.block[1]:
+      raise ValueError(f"blocks{g.block} do not divide the last two axes of {path!r} (shape {tuple(shape)}).")
+  elif g.kind == "neurons":
+    if ndim == 0:
+      raise ValueError(f"neuron/channel pruning needs a leaf with at least 1 dim; {path!r} is a scalar.")
+    _norm_axis(g.axis, ndim, path, "neuron")
+
+
+def unit_scores(s: jax.Array, g: Granularity) -> jax.Array:
+  """Reduces a leaf's scores to one score per prunable unit (the leaf itself for unstructured)."""
+  s = s.astype(jnp.float32)
+  if g.kind == "neurons":
+    ax = g.axis % s.ndim
+    other = tuple(i for i in range(s.ndim) if i != ax)
+    if g.reduce == "mean":
+      return jnp.mean(s, axis=other, keepdims=True)
+    if g.reduce == "sum":
+      return jnp.sum(s, axis=other, keepdims=True)
+    if g.reduce == "max":
+      return jnp.max(s, axis=other, keepdims=True)
+    return jnp.sqrt(jnp.sum(jnp.square(s), axis=other, keepdims=True))
+  if g.kind == "blocks":
+    bh, bw = g.block
+    *lead, h, w = s.shape
+    return s.reshape(*lead, h // bh, bh, w // bw, bw).mean(axis=(-3, -1))
+  return s
+
+
+def expand_units(unit_mask: jax.Array, shape, g: Granularity) -> jax.Array:
+  """Turns a per-unit mask back into a mask broadcastable to a leaf of `shape`."""
+  if g.kind == "blocks":
+    bh, bw = g.block
+    return jnp.repeat(jnp.repeat(unit_mask, bh, axis=-2), bw, axis=-1)
+  return unit_mask
+
+
+def unit_mask_of(mask: jax.Array, shape, g: Granularity) -> jax.Array:
+  """The per-unit view of an existing leaf mask (inverse of `expand_units`)."""
+  mask = jnp.asarray(mask, jnp.bool_)
+  if g.kind == "neurons":
+    ax = g.axis % len(shape)
+    target = tuple(shape[i] if i == ax else 1 for i in range(len(shape)))
+    if mask.shape != target:
+      other = tuple(i for i in range(len(shape)) if i != ax)
+      mask = jnp.all(jnp.broadcast_to(mask, shape), axis=other, keepdims=True)
+    return mask
+  mask = jnp.broadcast_to(mask, shape)
+  if g.kind == "blocks":
+    bh, bw = g.block
+    return mask[..., ::bh, ::bw]
+  return mask
+
+
+# ----------------------------------------------------------------------------------------------- keys
+def _keys(s: jax.Array) -> jax.Array:
+  """Maps float32 scores to int32 keys with the same order (total order; -0.0 < +0.0)."""
+  b = jax.lax.bitcast_convert_type(s.astype(jnp.float32), jnp.int32)
+  k = jnp.where(b >= 0, b, b ^ jnp.int32(0x7FFFFFFF))
+  return jnp.maximum(k, jnp.int32(_PRUNED_KEY + 1))
+
+
+def _unit_key(unit):
+  """Keys of (unit scores, prior unit mask or None): already-pruned units get the lowest key."""
+  s, prior = unit
+  k = _keys(s)
+  return k if prior is None else jnp.where(prior, k, jnp.int32(_PRUNED_KEY))
+
+
+def _u32(x):
+  return jax.lax.bitcast_convert_type(x, jnp.uint32)
+
+
+def _i32(x):
+  return jax.lax.bitcast_convert_type(x, jnp.int32)
+
+
+def _chunk(d: int) -> int:
+  """Largest divisor of `d` that is <= 255 (uint8 partial counts cannot overflow)."""
+  for c in range(min(d, 255), 0, -1):
+    if d % c == 0:
+      return c
+  return 1
+
+
+def _count_le(key: jax.Array, x) -> jax.Array:
+  """#(key <= x) for one leaf.
+
+  Counts in uint8 over chunks of the last axis, then in int32: on CPU a reduction over a fused compare-and-
+  convert is several times slower than one in the compare's own narrow type. Reshaping only the last axis
+  keeps leaves' shardings intact.
+  """
+  if key.ndim == 0:
+    return (key <= x).astype(jnp.int32)
+  d = key.shape[-1]
+  c = _chunk(d)
+  if c < 16:
+    return jnp.sum(key <= x, dtype=jnp.int32)
+  le = (key <= x).astype(jnp.uint8).reshape(*key.shape[:-1], d // c, c)
+  return jnp.sum(jnp.sum(le, axis=-1, dtype=jnp.uint8).astype(jnp.int32))
+
+
+def _sample(keys: Sequence[jax.Array], total: int) -> jax.Array:
+  """A sorted strided sample of about `_SAMPLE` keys, proportional to leaf sizes."""
+  parts = []
+  for k in keys:
+    n = k.size
+    take = max(1, min(n, int(round(_SAMPLE * n / total))))
+    stride = max(1, n // take)
+    parts.append(k.reshape(-1)[::stride][:take])
+  return jnp.sort(jnp.concatenate(parts))
+
+
+class _Search(NamedTuple):
+  lo: jax.Array
+  hi: jax.Array
+  c_lo: jax.Array
+  c_hi: jax.Array
+  it: jax.Array
+
+
+def kth_key(units: Sequence[jax.Array], k, key_fn=None) -> _Search:
+  """Brackets the k-th smallest key over all leaves with counting passes only.
+
+  Invariant: c_lo = #(key <= lo) < k <= c_hi = #(key <= hi). Stops when c_hi == k (prune every key <= hi) or
+  hi == lo + 1 (hi is the k-th key; some entries equal to it are pruned, some kept). Guesses come from a small
+  strided sample (first two passes), then interpolation on the counts, with every third pass a bisection so the
+  worst case stays ~64 passes. `key_fn` maps a leaf to its keys inside each pass, so keys are never stored.
+  """
+  key_fn = key_fn or (lambda u: u)
+  total = sum(int(jax.tree.leaves(x)[0].size) for x in units)
+  k = jnp.asarray(k, jnp.int32)
+  sample = _sample([key_fn(u) for u in units], total)
+  ns = sample.shape[0]
+  delta = 3.0 / math.sqrt(ns) + 1.0 / ns
+
+  def guess(st: _Search):
+    width = _u32(st.hi - st.lo)  # > 1
+    mid = st.lo + _i32(width // 2)
+    frac = (k - st.c_lo).astype(jnp.float32) / jnp.maximum(st.c_hi - st.c_lo, 1).astype(jnp.float32)
+    wf = width.astype(jnp.float32)
+    step = jnp.clip(jnp.round(frac * wf), 1.0, wf - 1.0)
+    interp = st.lo + _i32(step.astype(jnp.uint32))
+    q = k.astype(jnp.float32) / total
+    lo_q = sample[jnp.clip(jnp.floor((q - delta) * ns).astype(jnp.int32), 0, ns - 1)]
+    hi_q = sample[jnp.clip(jnp.ceil((q + delta) * ns).astype(jnp.int32), 0, ns - 1)]
+    from_sample = jnp.where(st.it == 0, lo_q, hi_q)
+    in_bracket = (_u32(from_sample - st.lo) >= 1) & (_u32(from_sample - st.lo) < width)
+    x = jnp.where(st.it % 3 == 2, mid, interp)
+    return jnp.where((st.it < 2) & in_bracket, from_sample, x)
+
+  def body(st: _Search) -> _Search:
+    x = guess(st)
+    c = sum(_count_le(key_fn(u), x) for u in units)
+    up = c >= k
+    return _Search(lo=jnp.where(up, st.lo, x), hi=jnp.where(up, x, st.hi),
+                   c_lo=jnp.where(up, st.c_lo, c), c_hi=jnp.where(up, c, st.c_hi), it=st.it + 1)
+
+  def cond(st: _Search):
+    return (_u32(st.hi - st.lo) > 1) & (st.c_hi != k) & (k > 0)
+
+  init = _Search(jnp.int32(_INT_MIN), jnp.int32(_INT_MAX), jnp.int32(0), jnp.int32(total), jnp.int32(0))
+  return jax.lax.while_loop(cond, body, init)
+
+
+def prune_lowest(units: Sequence[jax.Array], k, key_fn=None) -> list[jax.Array]:
+  """Keep-masks pruning exactly the `k` lowest keys over all leaves (ties: leaf order, then row-major)."""
+  key_fn = key_fn or (lambda u: u)
+  k = jnp.asarray(k, jnp.int32)
+  st = kth_key(units, k, key_fn)
+  hi, r = st.hi, k - st.c_lo  # r: how many entries in (lo, hi] (all equal to hi on a partial tie) to prune
+
+  def exact(_):
+    return [key_fn(u) > hi for u in units]
+
+  def partial_tie(_):
+    out, offset = [], jnp.int32(0)
+    for u in units:
+      x = key_fn(u)
+      eq = (x == hi).reshape(-1)
+      rank = jnp.cumsum(eq, dtype=jnp.int32) - 1 + offset
+      out.append(((x > hi).reshape(-1) | (eq & (rank >= r))).reshape(x.shape))
+      offset = offset + jnp.sum(eq, dtype=jnp.int32)
+    return out
+
+  masks = jax.lax.cond(st.c_hi == k, exact, partial_tie, None)
+  return [jnp.where(k > 0, m, True) for m in masks]
+
+
+def _nm_mask(s: jax.Array, g: Granularity, prior: Optional[jax.Array]) -> jax.Array:
+  """Keeps the n highest of every m consecutive entries along the axis (ties: lower index wins)."""
+  ax = _norm_axis(g.axis, s.ndim, "", "N:M")
+  key = _keys(s)
+  if prior is not None:
+    key = jnp.where(prior, key, _PRUNED_KEY)
+  moved = jnp.moveaxis(key, ax, -1)
+  grouped = moved.reshape(*moved.shape[:-1], moved.shape[-1] // g.m, g.m)
+  a = grouped[..., :, None]
+  b = grouped[..., None, :]
+  idx = jnp.arange(g.m)
+  earlier = (idx[None, :] < idx[:, None]).reshape((1,) * (grouped.ndim - 1) + (g.m, g.m))
+  beats = (b > a) | ((b == a) & earlier)  # [..., i, j]: j ranks before i
+  rank = jnp.sum(beats, axis=-1)
+  keep = (rank < g.n).reshape(moved.shape)
+  return jnp.moveaxis(keep, -1, ax)
+
+
+# ----------------------------------------------------------------------------------------------- public
+def _selected(scores, where):
+  sel = _select.resolve(where, scores)
+  return jax.tree.leaves(sel)
+
+
+def _prepare(scores, where, granularity, prior):
+  g = parse_granularity(granularity)
+  items = _tree.leaves_with_paths(scores)
+  flags = _selected(scores, where)
+  if prior is not None:
+    _tree.check_same_structure(scores, prior, "scores", "masks")
+    prior_leaves = jax.tree.leaves(prior)
+  else:
+    prior_leaves = [None] * len(items)
+  for (path, s), f in zip(items, flags):
+    if f:
+      check_granularity(g, path, s.shape)
+  _tree.check_finite(scores)
+  return g, items, flags, prior_leaves
+
+
+def _count_k(s, n):
+  """round(s * n) as int32: exact in float64 for Python numbers, float32 math when traced."""
+  if _tree.is_traced(s) or isinstance(s, jax.Array):
+    if not _tree.is_traced(s):
+      return jnp.int32(int(np.round(np.float64(s) * n)))
+    return jnp.round(jnp.asarray(s, jnp.float32) * n).astype(jnp.int32)
+  return jnp.int32(int(np.round(np.float64(s) * n)))
+
+
+def topk(scores: PyTree, sparsity, *, where=None, scope: str = "layer", granularity=None,
+         masks: Optional[PyTree] = None) -> PyTree:
+  """Keeps the highest-scoring entries (or units): exact counts, deterministic ties.
+
+  Args:
+    scores: float tree with the params' structure (higher = keep). NaN/inf raise `ValueError`.
+    sparsity: fraction to prune in [0, 1): a number (every selected leaf), or a tree/dict of per-leaf
+      numbers with the scores' structure (as from a distribution). Ignored by N:M, which keeps n of m.
+    where: selection (see `jprune.select.resolve`); default: leaves named `kernel`.
+    scope: "layer" prunes exactly `round(s·n)` units of each leaf; "global" prunes exactly `round(s·N)` of
+      all selected units together.
+    granularity: `unstructured()` (default), `nm(n, m)`, `blocks(bh, bw)`, `neurons()`, `channels()`, or a
+      string like "2:4".
+    masks: optional current masks; entries already pruned score lowest so masks stay monotone.
+
+  Returns:
+    A bool mask tree (True = keep) with scalar `True` at unselected leaves.
+
+  Examples:
+    >>> import jax.numpy as jnp, jprune as jp
+    >>> m = jp.topk({"kernel": jnp.array([[3.0, 1.0], [2.0, 4.0]])}, 0.5)
+    >>> m["kernel"].tolist()
+    [[True, False], [False, True]]
+  """
+  if scope not in ("layer", "global"):
+    raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}.")
+  if callable(sparsity):  # a distribution: per-leaf targets from the scores' shapes
+    sparsity = sparsity(scores, None, where)
+  g, items, flags, prior_leaves = _prepare(scores, where, granularity, masks)
+  treedef = jax.tree.structure(scores)
+  per_leaf = _per_leaf_sparsity(sparsity, scores, items, flags)
+  out = [jnp.asarray(True)] * len(items)
+  if g.kind == "nm":
+    for i, ((path, s), f) in enumerate(zip(items, flags)):
+      if f:
+        out[i] = jnp.where(per_leaf[i] > 0, _nm_mask(s, g, prior_leaves[i]), True)
+    return jax.tree.unflatten(treedef, out)
+
+  units, shapes = {}, {}
+  for i, ((path, s), f) in enumerate(zip(items, flags)):
+    if not f:
+      continue
+    u = unit_scores(s, g)
+    prior = None if prior_leaves[i] is None else unit_mask_of(prior_leaves[i], s.shape, g)
+    units[i], shapes[i] = (u, prior), s.shape
+
+  if scope == "global":
+    if isinstance(sparsity, dict) or not _is_number_like(sparsity):
+      raise ValueError("scope='global' takes one sparsity number, not a per-leaf tree.")
+    _tree.check_sparsity(sparsity)
+    idx = sorted(units)
+    n_total = sum(int(units[i][0].size) for i in idx)
+    keeps = prune_lowest([units[i] for i in idx], _count_k(sparsity, n_total), _unit_key)
+    for i, kp in zip(idx, keeps):
+      out[i] = expand_units(kp, shapes[i], g)
+  else:
+    for i, u in units.items():
+      kp, = prune_lowest([u], _count_k(per_leaf[i], int(u[0].size)), _unit_key)
+      out[i] = expand_units(kp, shapes[i], g)
+  return jax.tree.unflatten(treedef, out)
+
+
+def _is_number_like(x):
+  return isinstance(x, (int, float, np.floating, np.integer)) or (hasattr(x, "shape") and np.ndim(x) == 0)
+
+
+def _per_leaf_sparsity(sparsity, scores, items, flags):
+  if _is_number_like(sparsity):
+    _tree.check_sparsity(sparsity)
+    return [sparsity] * len(items)
+  _tree.check_same_structure(scores, sparsity, "scores", "sparsity")
+  leaves = jax.tree.leaves(sparsity)
+  for (path, _), f, s in zip(items, flags, leaves):
+    if f:
+      _tree.check_sparsity(s, f"sparsity at {path!r}")
+  return leaves
+
+
+def threshold(scores: PyTree, value, *, where=None, granularity=None) -> PyTree:
+  """Keeps entries (or units) whose score is >= `value`; e.g. prune |g| < θ.
+
+  Examples:
+    >>> import jax.numpy as jnp, jprune as jp
+    >>> jp.threshold({"kernel": jnp.array([0.1, 0.5, 2.0])}, 0.5)["kernel"].tolist()
+    [False, True, True]
+  """
+  g, items, flags, _ = _prepare(scores, where, granularity, None)
+  if g.kind == "nm":
+    raise ValueError("threshold() does not take N:M granularity; use topk(..., granularity=nm(n, m)).")
+  out = []
+  for (path, s), f in zip(items, flags):
+    if not f:
+      out.append(jnp.asarray(True))
+      continue
+    out.append(expand_units(unit_scores(s, g) >= value, s.shape, g))
+  return jax.tree.unflatten(jax.tree.structure(scores), out)
+
+
+def apply(params: PyTree, masks: PyTree) -> PyTree:
+  """Zeroes pruned entries: `where(mask, p, 0)` per leaf, dtype preserved.
+
+  Examples:
+    >>> import jax.numpy as jnp, jprune as jp
+    >>> jp.apply({"k": jnp.array([1.0, 2.0])}, {"k": jnp.array([True, False])})["k"].tolist()
+    [1.0, 0.0]
+  """
+  if not any(_tree.is_traced(x) for x in jax.tree.leaves(params)):
+    _tree.check_broadcastable(params, masks)
+  return jax.tree.map(lambda p, m: jnp.where(m, p, jnp.zeros((), p.dtype)), params, masks)
+
+
+def full_masks(params: PyTree, where=None) -> PyTree:
+  """All-True masks: full-shape bool arrays at selected leaves, scalar True elsewhere."""
+  flags = jax.tree.leaves(_select.resolve(where, params))
+  leaves = [jnp.ones(p.shape, jnp.bool_) if f else jnp.asarray(True)
+            for p, f in zip(jax.tree.leaves(params), flags)]
+  return jax.tree.unflatten(jax.tree.structure(params), leaves)
+
+
+def sparsity(masks: PyTree, params: Optional[PyTree] = None) -> jax.Array:
+  """Fraction of pruned entries over the leaves that carry a (non-scalar) mask.
+
+  With `params`, structured masks are counted at the params' full shapes.
+  """
+  m_leaves = jax.tree.leaves(masks)
+  shapes = [np.shape(m) for m in m_leaves]
+  if params is not None:
+    _tree.check_same_structure(params, masks)
+    shapes = [p.shape for p in jax.tree.leaves(params)]
+  pruned, total = jnp.float32(0), 0
+  for m, shape in zip(m_leaves, shapes):
+    if np.ndim(m) == 0:
+      continue
+    n = int(np.prod(shape))
+    kept = jnp.sum(m, dtype=jnp.float32) * (n / max(1, int(np.size(m))))
+    pruned, total = pruned + (n - kept), total + n
+  return pruned / max(total, 1)
+
+
+def mask_and(a: PyTree, b: PyTree) -> PyTree:
+  """Keeps what both masks keep (mask algebra `a & b`)."""
+  _tree.check_same_structure(a, b, "first masks", "second masks")
+  return jax.tree.map(jnp.logical_and, a, b)
+
+
+def mask_or(a: PyTree, b: PyTree) -> PyTree:
+  """Keeps what either mask keeps (mask algebra `a | b`)."""
+  _tree.check_same_structure(a, b, "first masks", "second masks")
+  return jax.tree.map(jnp.logical_or, a, b)
+
+
+intersect = mask_and
+union = mask_or
