@@ -205,7 +205,8 @@ def _count_le(key: jax.Array, x) -> jax.Array:
     return (key <= x).astype(jnp.int32)
   d = key.shape[-1]
   c = _chunk(d)
-  if c < 16:
+  spec = _explicit_spec(key)
+  if c < 16 or (spec is not None and len(spec) == key.ndim and spec[-1] is not None):
     return jnp.sum(key <= x, dtype=jnp.int32)
   le = (key <= x).astype(jnp.uint8).reshape(*key.shape[:-1], d // c, c)
   return jnp.sum(jnp.sum(le, axis=-1, dtype=jnp.uint8).astype(jnp.int32))
@@ -217,9 +218,28 @@ def _sample(keys: Sequence[jax.Array], total: int) -> jax.Array:
   for k in keys:
     n = k.size
     take = max(1, min(n, int(round(_SAMPLE * n / total))))
-    stride = max(1, n // take)
-    parts.append(k.reshape(-1)[::stride][:take])
+    ax = int(np.argmax(k.shape)) if k.ndim else 0
+    stride = max(1, min(k.shape[ax] if k.ndim else 1, n // take))
+    sub = k[(slice(None),) * ax + (slice(None, None, stride),)] if k.ndim else k
+    parts.append(_replicated(sub).reshape(-1))
   return jnp.sort(jnp.concatenate(parts))
+
+
+def _explicit_spec(x):
+  """The PartitionSpec of `x` when it is sharded in explicit mode (else None)."""
+  sharding = getattr(jax.typeof(x), "sharding", None)
+  spec = getattr(sharding, "spec", None)
+  if spec is not None and any(s is not None for s in spec):
+    return spec
+  return None
+
+
+def _replicated(x: jax.Array) -> jax.Array:
+  """Replicates an array whose sharding is explicit (sort and flat cumsum need unsharded axes)."""
+  if _explicit_spec(x) is not None:
+    mesh = jax.typeof(x).sharding.mesh
+    return jax.sharding.reshard(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  return x
 
 
 class _Search(NamedTuple):
@@ -288,9 +308,13 @@ def prune_lowest(units: Sequence[jax.Array], k, key_fn=None) -> list[jax.Array]:
     out, offset = [], jnp.int32(0)
     for u in units:
       x = key_fn(u)
-      eq = (x == hi).reshape(-1)
+      eq = _replicated(x == hi).reshape(-1)  # ties straddling the threshold: a bool cumsum in fixed order
       rank = jnp.cumsum(eq, dtype=jnp.int32) - 1 + offset
-      out.append(((x > hi).reshape(-1) | (eq & (rank >= r))).reshape(x.shape))
+      tie = (eq & (rank >= r)).reshape(x.shape)
+      spec = _explicit_spec(x)
+      if spec is not None:
+        tie = jax.sharding.reshard(tie, jax.typeof(x).sharding)
+      out.append((x > hi) | tie)
       offset = offset + jnp.sum(eq, dtype=jnp.int32)
     return out
 

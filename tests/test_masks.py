@@ -1,0 +1,144 @@
+"""Exact top-k (layer and global), ties, N:M, structured shapes, thresholds and mask algebra."""
+
+import hypothesis.extra.numpy as hnp
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import jprune as jp
+
+shapes = st.lists(hnp.array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=9), min_size=1, max_size=4)
+
+
+@st.composite
+def score_trees(draw):
+  tree = {}
+  for i, shape in enumerate(draw(shapes)):
+    # few distinct values -> many ties; zeros -> already-pruned-looking weights
+    vals = draw(hnp.arrays(np.float32, shape, elements=st.sampled_from([0.0, 0.0, 0.5, 1.0, 2.0, 3.5, -1.0])))
+    tree[f"layer{i}"] = {"kernel": np.abs(vals)}
+  return tree
+
+
+def _reference_keep(flat_scores, k):
+  """Prune the k lowest with ties broken by position (stable sort): the specified order."""
+  order = np.argsort(flat_scores, kind="stable")
+  keep = np.ones(flat_scores.size, bool)
+  keep[order[:k]] = False
+  return keep
+
+
+@settings(max_examples=40, deadline=None)
+@given(score_trees(), st.floats(0.0, 0.99))
+def test_layer_scope_exact_and_deterministic(tree, s):
+  masks = jp.topk(tree, s, scope="layer")
+  for name, leaf in tree.items():
+    m = np.asarray(masks[name]["kernel"])
+    n = leaf["kernel"].size
+    k = int(np.round(np.float64(s) * n))
+    assert m.sum() == n - k
+    np.testing.assert_array_equal(m.reshape(-1), _reference_keep(leaf["kernel"].reshape(-1), k))
+
+
+@settings(max_examples=40, deadline=None)
+@given(score_trees(), st.floats(0.0, 0.99))
+def test_global_scope_exact_and_deterministic(tree, s):
+  masks = jp.topk(tree, s, scope="global")
+  names = list(tree)
+  flat = np.concatenate([tree[nm]["kernel"].reshape(-1) for nm in sorted(names)])
+  n = flat.size
+  k = int(np.round(np.float64(s) * n))
+  got = np.concatenate([np.asarray(masks[nm]["kernel"]).reshape(-1) for nm in sorted(names)])
+  assert got.sum() == n - k
+  np.testing.assert_array_equal(got, _reference_keep(flat, k))
+
+
+def test_global_on_continuous_scores_matches_sort():
+  rng = np.random.default_rng(0)
+  tree = {"a": {"kernel": rng.standard_normal((300, 200)).astype(np.float32)},
+          "b": {"kernel": rng.standard_normal((64, 3, 3, 7)).astype(np.float32)}}
+  scores = jp.scores(jp.magnitude(), tree)
+  for s in (0.1, 0.5, 0.9, 0.999):
+    masks = jax.jit(lambda sc: jp.topk(sc, s, scope="global"))(scores)
+    flat = np.concatenate([np.abs(tree[k]["kernel"]).reshape(-1) for k in ("a", "b")])
+    got = np.concatenate([np.asarray(masks[k]["kernel"]).reshape(-1) for k in ("a", "b")])
+    np.testing.assert_array_equal(got, _reference_keep(flat, int(round(s * flat.size))))
+
+
+def test_monotone_with_prior_masks():
+  rng = np.random.default_rng(1)
+  scores = {"kernel": rng.random((20, 10)).astype(np.float32)}
+  first = jp.topk(scores, 0.5)
+  new_scores = {"kernel": rng.random((20, 10)).astype(np.float32)}
+  second = jp.topk(new_scores, 0.7, masks=first)
+  assert not np.any(np.asarray(second["kernel"]) & ~np.asarray(first["kernel"]))
+  assert int(second["kernel"].sum()) == 60
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8), (3, 3)])
+def test_nm_exact_per_group(n, m):
+  rng = np.random.default_rng(2)
+  scores = {"kernel": rng.integers(0, 3, (4 * m, 5)).astype(np.float32)}  # many ties
+  mask = np.asarray(jp.topk(scores, 0.5, granularity=jp.nm(n, m))["kernel"])
+  groups = mask.reshape(4, m, 5)  # default axis -2: groups of m consecutive inputs per output column
+  assert np.all(groups.sum(axis=1) == n)
+  # the kept ones are the highest-scoring in their group
+  s = scores["kernel"].reshape(4, m, 5)
+  assert np.all(np.where(groups, s, np.inf).min(axis=1) >= np.where(groups, -np.inf, s).max(axis=1))
+
+
+def test_structured_mask_shapes_and_counts():
+  rng = np.random.default_rng(3)
+  tree = {"Dense_0": {"kernel": rng.random((16, 32)).astype(np.float32), "bias": np.zeros(32, np.float32)},
+          "Conv_0": {"kernel": rng.random((3, 3, 4, 8)).astype(np.float32)}}
+  m = jp.topk(tree, 0.25, granularity=jp.neurons())
+  assert m["Dense_0"]["kernel"].shape == (1, 32) and int(m["Dense_0"]["kernel"].sum()) == 24
+  assert m["Conv_0"]["kernel"].shape == (1, 1, 1, 8) and int(m["Conv_0"]["kernel"].sum()) == 6
+  assert m["Dense_0"]["bias"].shape == () and bool(m["Dense_0"]["bias"])
+  b = jp.topk({"kernel": rng.random((8, 8)).astype(np.float32)}, 0.5, granularity=jp.blocks(4, 4))["kernel"]
+  blocks = np.asarray(b).reshape(2, 4, 2, 4)
+  assert b.shape == (8, 8) and blocks.all(axis=(1, 3)).sum() == 2 and (~blocks).all(axis=(1, 3)).sum() == 2
+  p = jp.apply(tree, m)
+  assert np.all(np.asarray(p["Dense_0"]["kernel"])[:, ~np.asarray(m["Dense_0"]["kernel"])[0]] == 0)
+
+
+def test_threshold_apply_sparsity_algebra():
+  s = {"kernel": jnp.array([[0.1, 0.5], [2.0, 0.01]]), "bias": jnp.array([1.0, 1.0])}
+  m = jp.threshold(s, 0.5)
+  assert m["kernel"].tolist() == [[False, True], [True, False]]
+  assert float(jp.sparsity(m)) == 0.5
+  m2 = jp.threshold(s, 1.0)
+  assert jp.mask_and(m, m2)["kernel"].tolist() == [[False, False], [True, False]]
+  assert jp.mask_or(m, m2)["kernel"].tolist() == [[False, True], [True, False]]
+  bf = jp.apply({"kernel": jnp.ones((2, 2), jnp.bfloat16), "bias": jnp.ones(2, jnp.bfloat16)}, m)
+  assert bf["kernel"].dtype == jnp.bfloat16
+
+
+def test_erk_meets_target_and_favours_small_layers():
+  params = {"a": {"kernel": jnp.zeros((784, 300))}, "b": {"kernel": jnp.zeros((300, 100))},
+            "c": {"kernel": jnp.zeros((100, 10))}}
+  per = jp.erk(0.9)(params)
+  sizes = {k: v["kernel"].size for k, v in params.items()}
+  kept = sum((1 - float(per[k]["kernel"])) * n for k, n in sizes.items())
+  assert kept == pytest.approx(0.1 * sum(sizes.values()), rel=1e-4)
+  assert float(per["a"]["kernel"]) > float(per["b"]["kernel"]) > float(per["c"]["kernel"])
+  m = jp.topk(params, jp.erk(0.9))  # a distribution is accepted directly
+  assert int(m["a"]["kernel"].sum()) == 784 * 300 - round(float(per["a"]["kernel"]) * 784 * 300)
+  bp = jp.by_path({"a/": 0.95, "c/": 0.0}, default=0.5)(params)
+  assert float(bp["a"]["kernel"]) == pytest.approx(0.95) and float(bp["b"]["kernel"]) == 0.5
+
+
+def test_schedules():
+  poly = jp.polynomial(final=0.9, begin=100, end=1100, every=100)
+  assert float(poly.sparsity(0)) == 0.0 and float(poly.sparsity(1100)) == pytest.approx(0.9)
+  assert float(poly.sparsity(600)) == pytest.approx(0.9 - 0.9 * 0.5 ** 3)
+  assert [int(t) for t in range(0, 1300, 50) if poly.is_update(t)] == list(range(100, 1101, 100))
+  it = jp.iterative([0.5, 0.75, 0.9], every=10)
+  assert [float(it.sparsity(t)) for t in (0, 10, 25, 99)] == pytest.approx([0.5, 0.75, 0.9, 0.9])
+  assert [t for t in range(40) if it.is_update(t)] == [0, 10, 20]
+  one = jp.one_shot(at=5, sparsity=0.8)
+  assert float(one.sparsity(4)) == 0.0 and float(one.sparsity(5)) == pytest.approx(0.8)
+  assert [t for t in range(10) if one.is_update(t)] == [5]
