@@ -26,7 +26,8 @@ PyTree = Any
 _INT_MIN = np.iinfo(np.int32).min
 _INT_MAX = np.iinfo(np.int32).max
 _PRUNED_KEY = _INT_MIN + 1   # key of already-pruned entries: below every real score
-_SAMPLE = 1 << 14            # size of the strided sample that seeds the search
+_UNROLLED = 7                # passes run before the while loop (a converged search is a fixed point)
+_SAMPLE = 1 << 15            # size of the strided sample that seeds the search
 
 
 # ----------------------------------------------------------------------------------------------- granularity
@@ -247,6 +248,10 @@ class _Search(NamedTuple):
   hi: jax.Array
   c_lo: jax.Array
   c_hi: jax.Array
+  w_lo: jax.Array  # Illinois weights on the bracket ends' residuals
+  w_hi: jax.Array
+  side: jax.Array  # which end moved last: -1 lo, +1 hi, 0 none
+  stall: jax.Array  # passes since the count bracket last halved
   it: jax.Array
 
 
@@ -254,44 +259,62 @@ def kth_key(units: Sequence[jax.Array], k, key_fn=None) -> _Search:
   """Brackets the k-th smallest key over all leaves with counting passes only.
 
   Invariant: c_lo = #(key <= lo) < k <= c_hi = #(key <= hi). Stops when c_hi == k (prune every key <= hi) or
-  hi == lo + 1 (hi is the k-th key; some entries equal to it are pruned, some kept). Guesses come from a small
-  strided sample (first two passes), then interpolation on the counts, with every third pass a bisection so the
-  worst case stays ~64 passes. `key_fn` maps a leaf to its keys inside each pass, so keys are never stored.
+  hi == lo + 1 (hi is the k-th key; some entries equal to it are pruned, some kept). The first two guesses are
+  quantiles of a small strided sample around k/N; then the Illinois variant of regula falsi on the counts,
+  aiming between the k-th and (k+1)-th key; a bisection step whenever two passes fail to halve the count
+  bracket, so the worst case stays near 64 passes. `key_fn` maps a leaf to its keys inside each pass, so keys
+  are never stored.
   """
   key_fn = key_fn or (lambda u: u)
   total = sum(int(jax.tree.leaves(x)[0].size) for x in units)
   k = jnp.asarray(k, jnp.int32)
   sample = _sample([key_fn(u) for u in units], total)
   ns = sample.shape[0]
-  delta = 3.0 / math.sqrt(ns) + 1.0 / ns
+  q = k.astype(jnp.float32) / total
+  delta = 2.5 * jnp.sqrt(q * (1.0 - q) / ns) + 2.0 / ns
+  target = k.astype(jnp.float32) + 0.5
 
   def guess(st: _Search):
     width = _u32(st.hi - st.lo)  # > 1
-    mid = st.lo + _i32(width // 2)
-    frac = (k - st.c_lo).astype(jnp.float32) / jnp.maximum(st.c_hi - st.c_lo, 1).astype(jnp.float32)
     wf = width.astype(jnp.float32)
-    step = jnp.clip(jnp.round(frac * wf), 1.0, wf - 1.0)
+    mid = st.lo + _i32(width // 2)
+    f_lo = (target - st.c_lo.astype(jnp.float32)) * st.w_lo
+    f_hi = (st.c_hi.astype(jnp.float32) - target) * st.w_hi
+    step = jnp.clip(jnp.round(f_lo / (f_lo + f_hi) * wf), 1.0, wf - 1.0)
     interp = st.lo + _i32(step.astype(jnp.uint32))
     q = k.astype(jnp.float32) / total
     lo_q = sample[jnp.clip(jnp.floor((q - delta) * ns).astype(jnp.int32), 0, ns - 1)]
     hi_q = sample[jnp.clip(jnp.ceil((q + delta) * ns).astype(jnp.int32), 0, ns - 1)]
     from_sample = jnp.where(st.it == 0, lo_q, hi_q)
     in_bracket = (_u32(from_sample - st.lo) >= 1) & (_u32(from_sample - st.lo) < width)
-    x = jnp.where(st.it % 3 == 2, mid, interp)
+    x = jnp.where(st.stall >= 2, mid, interp)
     return jnp.where((st.it < 2) & in_bracket, from_sample, x)
 
   def body(st: _Search) -> _Search:
     x = guess(st)
     c = sum(_count_le(key_fn(u), x) for u in units)
     up = c >= k
-    return _Search(lo=jnp.where(up, st.lo, x), hi=jnp.where(up, x, st.hi),
-                   c_lo=jnp.where(up, st.c_lo, c), c_hi=jnp.where(up, c, st.c_hi), it=st.it + 1)
+    new_lo, new_hi = jnp.where(up, st.lo, x), jnp.where(up, x, st.hi)
+    new_c_lo, new_c_hi = jnp.where(up, st.c_lo, c), jnp.where(up, c, st.c_hi)
+    side = jnp.where(up, 1, -1)
+    # Illinois: if the same end moved twice, halve the other end's weight
+    w_lo = jnp.where(up, jnp.where(st.side == 1, st.w_lo * 0.5, st.w_lo), 1.0)
+    w_hi = jnp.where(up, 1.0, jnp.where(st.side == -1, st.w_hi * 0.5, st.w_hi))
+    halved = 2 * (new_c_hi - new_c_lo) <= st.c_hi - st.c_lo
+    stall = jnp.where(halved | (st.stall >= 2), 0, st.stall + 1)
+    return _Search(new_lo, new_hi, new_c_lo, new_c_hi, w_lo, w_hi, side, stall, st.it + 1)
 
   def cond(st: _Search):
     return (_u32(st.hi - st.lo) > 1) & (st.c_hi != k) & (k > 0)
 
-  init = _Search(jnp.int32(_INT_MIN), jnp.int32(_INT_MAX), jnp.int32(0), jnp.int32(total), jnp.int32(0))
-  return jax.lax.while_loop(cond, body, init)
+  one = jnp.float32(1.0)
+  init = _Search(jnp.int32(_INT_MIN), jnp.int32(_INT_MAX), jnp.int32(0), jnp.int32(total), one, one,
+                 jnp.int32(0), jnp.int32(0), jnp.int32(0))
+  st = init
+  for _ in range(_UNROLLED):  # straight-line passes: a converged search is a fixed point of `body`
+    st = body(st)
+  # the loop (rarely entered) sits behind a cond: a while loop in the graph can cost a copy of its operands
+  return jax.lax.cond(cond(st), lambda s: jax.lax.while_loop(cond, body, s), lambda s: s, st)
 
 
 def prune_lowest(units: Sequence[jax.Array], k, key_fn=None) -> list[jax.Array]:

@@ -56,12 +56,15 @@ def init_masks(params: PyTree, where=None, granularity=None) -> PyTree:
 
 
 def _constrain(updates, params, masks):
-  """where(mask, u, -p): params + result is exactly 0 at pruned entries."""
-  return jax.tree.map(lambda u, p, m: jnp.where(m, u, -p.astype(u.dtype)), updates, params, masks)
+  """where(mask, u, -p): params + result is exactly 0 at pruned entries. Unselected leaves (scalar masks,
+  always True) pass through untouched."""
+  return jax.tree.map(lambda u, p, m: u if jnp.ndim(m) == 0 else jnp.where(m, u, -p.astype(u.dtype)),
+                      updates, params, masks)
 
 
 def _mask_grads(grads, masks):
-  return jax.tree.map(lambda g, m: jnp.where(m, g, jnp.zeros((), g.dtype)), grads, masks)
+  return jax.tree.map(lambda g, m: g if jnp.ndim(m) == 0 else jnp.where(m, g, jnp.zeros((), g.dtype)),
+                      grads, masks)
 
 
 def pruned(tx: optax.GradientTransformation, *, criterion: Optional[_criteria.Criterion] = None,

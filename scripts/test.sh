@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Sets everything up, then runs the test suite (doctests included).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export JPRUNE_NO_PROGRESS=1
+exec .venv/bin/python -m pytest --doctest-modules jprune tests "$@"
