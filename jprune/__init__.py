@@ -1,5 +1,6 @@
 """jprune: neural-network pruning as pure functions over JAX/Flax parameter pytrees."""
 
+from jprune import checkpoint as checkpoint
 from jprune import select as select
 from jprune.criteria import Criterion as Criterion
 from jprune.criteria import fisher as fisher
@@ -50,3 +51,7 @@ __all__ = [
     "one_shot", "polynomial", "pruned", "random", "scores", "select", "sparsity", "summary", "taylor",
     "threshold", "topk", "uniform", "union", "unstructured",
 ]
+from jprune.checkpoint import export_sparse as export_sparse  # noqa: E402
+from jprune.checkpoint import load_sparse as load_sparse  # noqa: E402
+
+__all__ += ["checkpoint", "export_sparse", "load_sparse"]
