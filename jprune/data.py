@@ -45,7 +45,7 @@ def read_idx(path) -> np.ndarray:
 
 def find_manual_dir(data_dir: Optional[str] = None) -> Path:
   """The folder holding the four Fashion-MNIST IDX files, or a DataError saying how to get them."""
-  candidates = [data_dir, os.environ.get(ENV_DATA_DIR), DEFAULT_MANUAL_DIR]
+  candidates = [data_dir] if data_dir else [os.environ.get(ENV_DATA_DIR), DEFAULT_MANUAL_DIR]
   for c in candidates:
     if c and all((Path(c) / f).exists() or (Path(c) / f[:-3]).exists() for pair in FILES.values() for f in pair):
       return Path(c)
@@ -146,7 +146,8 @@ def load(name: str = "fashion_mnist", *, data_dir: Optional[str] = None, cache_d
     builder = _tfds_builder(name, cache)
   arrays = []
   for split in ("train", "test"):
-    source = builder.as_data_source(split=split if limit is None else f"{split}[:{limit}]")
+    n = builder.info.splits[split].num_examples
+    source = builder.as_data_source(split=split if limit is None or limit >= n else f"{split}[:{limit}]")
     arrays.extend(_to_arrays(source))
   return Dataset(*arrays, name=name)
 

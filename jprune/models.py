@@ -22,9 +22,12 @@ class LeNet300(nn.Module):
 
 
 class LeNet5(nn.Module):
-  """LeNet-5 (conv 6@5x5 → pool → conv 16@5x5 → pool → 120 → 84 → classes)."""
-  channels: Sequence[int] = (6, 16)
-  widths: Sequence[int] = (120, 84)
+  """LeNet-5 as in Caffe and Han et al. 2015: conv 20@5x5 → pool → conv 50@5x5 → pool → 500 → classes.
+
+  `channels=(6, 16), widths=(120, 84)` gives LeCun's original sizes.
+  """
+  channels: Sequence[int] = (20, 50)
+  widths: Sequence[int] = (500,)
   num_classes: int = 10
 
   @nn.compact

@@ -1,0 +1,127 @@
+"""The `jprune` command: `run`, `sweep`, `sensitivity` (and `llm` when available).
+
+Bad arguments and missing data give one line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+
+class _Parser(argparse.ArgumentParser):
+  def error(self, message):
+    self.exit(2, f"jprune: error: {message}\n")
+
+
+def _common(p: argparse.ArgumentParser):
+  p.add_argument("--model", default="lenet300", help="lenet300 | lenet5 | resnet | simplecnn")
+  p.add_argument("--dataset", default="fashion_mnist", help="fashion_mnist (offline: Debian files) | mnist | cifar10")
+  p.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX files")
+  p.add_argument("--criterion", default="magnitude",
+                 help="magnitude | gradient | taylor | fisher | movement | random")
+  p.add_argument("--sparsity", type=float, default=0.9)
+  p.add_argument("--schedule", default="polynomial", help="polynomial | one-shot | iterative")
+  p.add_argument("--scope", default="layer", help="layer | global")
+  p.add_argument("--granularity", default="unstructured", help="unstructured | N:M (e.g. 2:4) | neurons | blocksHxW")
+  p.add_argument("--distribution", default="uniform", help="uniform | erk")
+  p.add_argument("--allocation", default=None, help="JSON {regex: sparsity} (from `jprune sensitivity`)")
+  p.add_argument("--epochs", type=int, default=20, help="dense training epochs")
+  p.add_argument("--finetune-epochs", type=int, default=20)
+  p.add_argument("--batch-size", type=int, default=128)
+  p.add_argument("--lr", type=float, default=1e-3)
+  p.add_argument("--finetune-lr", type=float, default=5e-4)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--out", default="runs/default")
+  p.add_argument("--distill", action="store_true", help="fine-tune with knowledge distillation from the dense model")
+  p.add_argument("--limit", type=int, default=None, help="use only the first N examples of each split")
+  p.add_argument("--calib-batches", type=int, default=20, help="batches for one-shot gradient scores")
+  p.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps (and every epoch)")
+  p.add_argument("--no-progress", action="store_true")
+
+
+def _config(args):
+  from jprune.job import RunConfig
+  return RunConfig(model=args.model, dataset=args.dataset, data_dir=args.data_dir, criterion=args.criterion,
+                   sparsity=args.sparsity, schedule=args.schedule, scope=args.scope, granularity=args.granularity,
+                   distribution=args.distribution, allocation=args.allocation, epochs=args.epochs,
+                   finetune_epochs=args.finetune_epochs, batch_size=args.batch_size, lr=args.lr,
+                   finetune_lr=args.finetune_lr, seed=args.seed, out=args.out, distill=args.distill,
+                   limit=args.limit, calib_batches=args.calib_batches, progress=not args.no_progress,
+                   save_every=args.save_every)
+
+
+def _floats(s: str):
+  try:
+    return [float(x) for x in s.split(",") if x]
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = _Parser(prog="jprune", description="Prune JAX/Flax models: train, prune, fine-tune, report.")
+  sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+  run = sub.add_parser("run", help="train a reference model, prune it, fine-tune, report")
+  _common(run)
+  sw = sub.add_parser("sweep", help="compare criteria across sparsities from one dense model")
+  _common(sw)
+  sw.add_argument("--criteria", default="magnitude,gradient,taylor,fisher,random")
+  sw.add_argument("--sparsities", type=_floats, default=[0.5, 0.8, 0.9, 0.95, 0.98])
+  se = sub.add_parser("sensitivity", help="prune one layer at a time; optional per-layer allocation")
+  _common(se)
+  se.add_argument("--grid", type=_floats, default=[0.5, 0.7, 0.8, 0.9, 0.95, 0.98])
+  se.add_argument("--target", type=float, default=None, help="global sparsity for the allocation")
+  se.add_argument("--write-allocation", default=None, help="where to write the by_path allocation JSON")
+  return parser
+
+
+def main(argv=None) -> int:
+  args = build_parser().parse_args(argv)
+  if args.no_progress:
+    os.environ["JPRUNE_NO_PROGRESS"] = "1"
+  from jprune import job
+  from jprune.data import DataError
+  from jprune.checkpoint import CheckpointError
+  cfg = _config(args)
+  try:
+    job.validate(cfg)
+    if args.command == "run":
+      m = job.run(cfg)
+      import jprune as jp
+      print()
+      print(_summary_table(m))
+      print(f"\ndense top-1 {100 * m['dense']['top1']:.2f}% | pruned ({m['sparsity']:.1%} sparse) top-1 "
+            f"{100 * m['pruned']['top1']:.2f}%   report: {os.path.join(cfg.out, 'report.md')}")
+    elif args.command == "sweep":
+      criteria = [c for c in args.criteria.split(",") if c]
+      res = job.sweep(cfg, criteria, args.sparsities)
+      print(res["table"])
+      print(f"dense top-1 {100 * res['dense_top1']:.2f}%   plot: {os.path.join(cfg.out, 'sweep.png')}")
+    elif args.command == "sensitivity":
+      if args.target is not None and not 0 <= args.target < 1:
+        raise ValueError(f"--target must be in [0, 1), got {args.target}.")
+      res = job.sensitivity(cfg, grid=tuple(args.grid), target=args.target, allocation_path=args.write_allocation)
+      print(json.dumps({k: v for k, v in res.items() if k != "accuracy"}, indent=1))
+  except (ValueError, TypeError, DataError, CheckpointError) as e:
+    print(f"jprune: error: {e}", file=sys.stderr)
+    return 1
+  except KeyboardInterrupt:
+    print("jprune: interrupted; run the same command again to resume from the last checkpoint.", file=sys.stderr)
+    return 130
+  return 0
+
+
+def _summary_table(m) -> str:
+  rows = m["summary"]["leaves"] + [m["summary"]["total"]]
+  w = max(len(r["path"]) for r in rows)
+  lines = [f"{'path':<{w}}  {'kept':>10} {'size':>10} {'sparsity':>9}"]
+  for r in rows:
+    lines.append(f"{r['path']:<{w}}  {r['kept']:>10,} {r['size']:>10,} {r['sparsity']:>9.2%}")
+  return "\n".join(lines)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

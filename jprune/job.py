@@ -1,0 +1,391 @@
+"""The main job: train a reference model, prune it, fine-tune with masks kept, evaluate and report.
+
+`run(RunConfig)` writes to `out/`: `report.md`, `metrics.json`, PNG plots and orbax checkpoints (`dense/`,
+`prune-<tag>/`), and resumes from them after Ctrl-C or a crash. `sweep` reuses one dense checkpoint across a
+criteria × sparsities grid, caching each cell; `sensitivity` prunes one layer at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import jprune as jp
+from jprune import data as _data
+from jprune import models as _models
+from jprune import report as _report
+from jprune import train as _train
+
+CRITERIA = ("magnitude", "gradient", "taylor", "fisher", "movement", "random")
+SCHEDULES = ("polynomial", "one-shot", "iterative")
+
+
+@dataclasses.dataclass
+class RunConfig:
+  model: str = "lenet300"
+  dataset: str = "fashion_mnist"
+  data_dir: Optional[str] = None
+  criterion: str = "magnitude"
+  sparsity: float = 0.9
+  schedule: str = "polynomial"
+  scope: str = "layer"
+  granularity: str = "unstructured"
+  distribution: str = "uniform"
+  allocation: Optional[str] = None
+  epochs: int = 20
+  finetune_epochs: int = 20
+  batch_size: int = 128
+  lr: float = 1e-3
+  finetune_lr: float = 5e-4
+  weight_decay: float = 1e-4
+  seed: int = 0
+  out: str = "runs/default"
+  distill: bool = False
+  limit: Optional[int] = None
+  calib_batches: int = 20
+  noise: tuple = (0.1, 0.2, 0.3)
+  progress: bool = True
+  save_every: int = 200
+
+  def prune_tag(self) -> str:
+    keys = ("criterion", "sparsity", "schedule", "scope", "granularity", "distribution", "allocation",
+            "finetune_epochs", "finetune_lr", "distill", "calib_batches")
+    blob = json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True)
+    return f"{self.criterion}-{self.schedule}-{self.sparsity:g}-" + hashlib.sha1(blob.encode()).hexdigest()[:8]
+
+
+def validate(cfg: RunConfig) -> None:
+  """Raises ValueError with one readable line for a bad configuration."""
+  if cfg.criterion not in CRITERIA:
+    raise ValueError(f"unknown criterion {cfg.criterion!r}; choose from {', '.join(CRITERIA)}.")
+  if cfg.schedule not in SCHEDULES:
+    raise ValueError(f"unknown schedule {cfg.schedule!r}; choose from {', '.join(SCHEDULES)}.")
+  if not 0.0 <= cfg.sparsity < 1.0:
+    raise ValueError(f"sparsity must be in [0, 1), got {cfg.sparsity}.")
+  if cfg.scope not in ("layer", "global"):
+    raise ValueError(f"scope must be layer or global, got {cfg.scope!r}.")
+  if cfg.model not in _models.MODELS:
+    raise ValueError(f"unknown model {cfg.model!r}; choose from {', '.join(_models.MODELS)}.")
+  jp.masks.parse_granularity(cfg.granularity)
+  if cfg.distribution not in ("uniform", "erk") and not cfg.allocation:
+    raise ValueError(f"unknown distribution {cfg.distribution!r}; choose uniform or erk (or --allocation FILE).")
+  if cfg.epochs < 0 or cfg.finetune_epochs < 0:
+    raise ValueError("epochs must be >= 0.")
+
+
+def criterion_of(name: str, for_training: bool) -> jp.Criterion:
+  ema = 0.9 if for_training else None
+  return {"magnitude": lambda: jp.magnitude(), "gradient": lambda: jp.gradient(ema=ema),
+          "taylor": lambda: jp.taylor(ema=ema), "fisher": lambda: jp.fisher(ema=ema),
+          "movement": lambda: jp.movement(), "random": lambda: jp.random(0)}[name]()
+
+
+def _distribution(cfg: RunConfig):
+  if cfg.allocation:
+    with open(cfg.allocation) as f:
+      return jp.by_path(json.load(f))
+  return jp.erk() if cfg.distribution == "erk" else None
+
+
+def _model_for(cfg: RunConfig, ds: _data.Dataset):
+  classes = int(max(ds.y_train.max(), ds.y_test.max())) + 1
+  return _models.create(cfg.model, num_classes=classes)
+
+
+def _adam(lr, wd, steps):
+  sched = optax.cosine_decay_schedule(lr, max(steps, 1))
+  return optax.adamw(sched, weight_decay=wd)
+
+
+def load_data(cfg: RunConfig) -> _data.Dataset:
+  return _data.load(cfg.dataset, data_dir=cfg.data_dir, limit=cfg.limit)
+
+
+def train_dense(cfg: RunConfig, ds: _data.Dataset, model):
+  """Trains (or resumes, or loads) the dense model under out/dense; returns (state, history)."""
+  variables = _train.init_variables(model, ds.x_train, cfg.seed)
+  steps = cfg.epochs * _data.steps_per_epoch(len(ds.x_train), cfg.batch_size)
+  tx = _adam(cfg.lr, cfg.weight_decay, steps)
+  state = {"params": variables["params"], "opt": tx.init(variables["params"]), "pos": jnp.zeros(2, jnp.int32)}
+  if "batch_stats" in variables:
+    state["batch_stats"] = variables["batch_stats"]
+  return _train.fit(model, state, tx, ds, epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed,
+                    ckpt_dir=os.path.join(cfg.out, "dense"), desc="dense", progress=cfg.progress,
+                    save_every=cfg.save_every, metadata={"phase": "dense", "model": cfg.model})
+
+
+def _where_for(gran, params):
+  """Kernels the granularity can apply to (e.g. 2:4 skips a first conv with one input channel), with a note."""
+  def ok(path, leaf):
+    if not jp.select.kernels(path, leaf):
+      return False
+    try:
+      jp.masks.check_granularity(gran, path, leaf.shape)
+      return True
+    except ValueError:
+      return False
+  skipped = [p for p, x in jp._tree.leaves_with_paths(params) if jp.select.kernels(p, x) and not ok(p, x)]
+  if skipped:
+    print(f"jprune: note: {gran.kind} granularity does not fit {', '.join(skipped)}; left dense.", file=sys.stderr)
+  return ok
+
+
+def _loss_fn(model, batch_stats):
+  def loss_fn(params, batch):
+    x, y = batch
+    logits, _ = _train.apply_fn(model, params, batch_stats, x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+  return loss_fn
+
+
+def prune_and_finetune(cfg: RunConfig, ds, model, dense_state) -> dict:
+  """Prunes the dense state as configured and fine-tunes with masks kept; resumable under out/prune-<tag>."""
+  params, stats = dense_state["params"], dense_state.get("batch_stats")
+  gran = jp.masks.parse_granularity(cfg.granularity)
+  steps_per_epoch = _data.steps_per_epoch(len(ds.x_train), cfg.batch_size)
+  total = max(1, cfg.finetune_epochs * steps_per_epoch)
+  dist = _distribution(cfg)
+  where = _where_for(gran, params)
+  scores = None
+  if cfg.schedule == "one-shot":
+    crit = criterion_of(cfg.criterion, for_training=False)
+    calib = list(_data.batches(ds.x_train, ds.y_train, 256, seed=cfg.seed + 1, epoch=0))[:cfg.calib_batches]
+    scores = jp.scores(crit, params, loss_fn=_loss_fn(model, stats), batches=calib, progress=cfg.progress)
+    target = cfg.sparsity if dist is None else dist(params, cfg.sparsity, where)
+    masks = jp.topk(scores, target, scope=cfg.scope, granularity=gran, where=where)
+    params = jp.apply(params, masks)
+    tx = optax.chain(_adam(cfg.finetune_lr, cfg.weight_decay, total), jp.keep_pruned(masks))
+  else:
+    end = max(1, int(0.7 * total))
+    if cfg.schedule == "polynomial":
+      schedule = jp.polynomial(final=cfg.sparsity, begin=0, end=end, every=max(1, min(100, end // 10)))
+    else:
+      n_levels = 4
+      levels = [1.0 - (1.0 - cfg.sparsity) ** ((i + 1) / n_levels) for i in range(n_levels)]
+      schedule = jp.iterative(levels, every=max(1, end // (n_levels - 1)))
+    tx = jp.pruned(_adam(cfg.finetune_lr, cfg.weight_decay, total),
+                   criterion=criterion_of(cfg.criterion, for_training=True), schedule=schedule,
+                   scope=cfg.scope, granularity=gran, distribution=dist, where=where)
+  state = {"params": params, "opt": tx.init(params), "pos": jnp.zeros(2, jnp.int32)}
+  if stats:
+    state["batch_stats"] = stats
+  teacher = (dense_state["params"], stats) if cfg.distill else None
+  ckpt = os.path.join(cfg.out, f"prune-{cfg.prune_tag()}")
+
+  def on_epoch(st):
+    return {"sparsity": float(jp.sparsity(jp.masks_of(st["opt"]), st["params"]))}
+
+  state, history = _train.fit(model, state, tx, ds, epochs=cfg.finetune_epochs, batch_size=cfg.batch_size,
+                              seed=cfg.seed + 7, ckpt_dir=ckpt, desc="prune+finetune", progress=cfg.progress,
+                              teacher=teacher, save_every=cfg.save_every, on_epoch=on_epoch,
+                              metadata={"phase": "prune", "config": dataclasses.asdict(cfg)})
+  masks = jp.masks_of(state["opt"])
+  if scores is None:  # scores of the trained criterion state; weight-only criteria on the dense weights
+    crit = criterion_of(cfg.criterion, for_training=True)
+    weights = dense_state["params"] if not crit.needs_grads else state["params"]
+    scores = crit.score(state["opt"].criterion, weights)
+  return {"state": state, "masks": masks, "history": history, "scores": scores}
+
+
+def run(cfg: RunConfig, ds: Optional[_data.Dataset] = None, dense=None) -> dict:
+  """The whole job; returns the metrics it writes to out/metrics.json."""
+  validate(cfg)
+  out = Path(cfg.out)
+  out.mkdir(parents=True, exist_ok=True)
+  ds = ds if ds is not None else load_data(cfg)
+  model = _model_for(cfg, ds)
+  dense_state, dense_hist = dense if dense is not None else train_dense(cfg, ds, model)
+  dense_eval = _train.evaluate(model, dense_state["params"], dense_state.get("batch_stats"), ds.x_test, ds.y_test)
+  res = prune_and_finetune(cfg, ds, model, dense_state)
+  st, masks = res["state"], res["masks"]
+  pruned_eval = _train.evaluate(model, st["params"], st.get("batch_stats"), ds.x_test, ds.y_test)
+  robustness = {str(s): {"dense": _train.evaluate(model, dense_state["params"], dense_state.get("batch_stats"),
+                                                  ds.x_test, ds.y_test, noise=s)["top1"],
+                         "pruned": _train.evaluate(model, st["params"], st.get("batch_stats"), ds.x_test,
+                                                   ds.y_test, noise=s)["top1"]} for s in cfg.noise}
+  summ = jp.summary(st["params"], masks)
+  variables = {"params": dense_state["params"], **({"batch_stats": st["batch_stats"]} if "batch_stats" in st else {})}
+  xb = jnp.asarray(ds.x_test[:256])
+  fwd = lambda v, x: model.apply(v, x)
+  total_flops = _report.flops(fwd, variables, xb)
+  per_layer = _report.layer_flops(model, variables, xb)
+  eff_flops = _report.effective_flops(total_flops, per_layer, st["params"], masks)
+  lat_dense = _report.latency(fwd, variables, xb)
+  lat_pruned = _report.latency(fwd, dict(variables, params=st["params"]), xb)
+  metrics = {
+      "config": dataclasses.asdict(cfg),
+      "dense": dense_eval, "pruned": pruned_eval,
+      "sparsity": float(jp.sparsity(masks, st["params"])),
+      "bytes": {"dense": summ.total.dense_bytes, "sparse": summ.total.sparse_bytes},
+      "flops": {"dense": total_flops, "effective": eff_flops, "per_layer": per_layer, "batch": int(xb.shape[0])},
+      "latency_s": {"dense": lat_dense, "masked": lat_pruned, "batch": int(xb.shape[0])},
+      "robustness_top1": robustness,
+      "history": {"dense": dense_hist, "finetune": res["history"]},
+      "summary": summ.to_dict(),
+  }
+  with open(out / "metrics.json", "w") as f:
+    json.dump(metrics, f, indent=1, default=float)
+  _report.plot_sparsity(st["params"], masks, str(out / "sparsity.png"))
+  _report.plot_curves({"dense": dense_hist, "prune + fine-tune": res["history"]}, str(out / "curves.png"))
+  _report.plot_score_histograms(res["scores"], masks, str(out / "scores.png"))
+  (out / "report.md").write_text(_markdown(cfg, metrics, summ))
+  return metrics
+
+
+def _markdown(cfg, m, summ) -> str:
+  d, p = m["dense"], m["pruned"]
+  rob = "\n".join(f"| σ = {s} | {100 * v['dense']:.2f}% | {100 * v['pruned']:.2f}% |"
+                  for s, v in m["robustness_top1"].items())
+  return f"""# jprune run: {cfg.model} on {cfg.dataset}
+
+criterion **{cfg.criterion}**, schedule **{cfg.schedule}**, scope **{cfg.scope}**, granularity
+**{cfg.granularity}**, distribution **{cfg.allocation or cfg.distribution}**, target sparsity **{cfg.sparsity:.0%}**
+(reached {m['sparsity']:.2%}); dense {cfg.epochs} epochs, fine-tune {cfg.finetune_epochs} epochs
+{'with distillation from the dense model' if cfg.distill else ''}.
+
+| model | top-1 | top-5 | test loss |
+|---|---:|---:|---:|
+| dense | {100 * d['top1']:.2f}% | {100 * d['top5']:.2f}% | {d['loss']:.4f} |
+| pruned + fine-tuned | {100 * p['top1']:.2f}% | {100 * p['top5']:.2f}% | {p['loss']:.4f} |
+
+| | dense | pruned |
+|---|---:|---:|
+| parameter bytes (sparse = kept values + 1 bit/entry) | {m['bytes']['dense']:,} | {m['bytes']['sparse']:,} |
+| FLOPs per batch of {m['flops']['batch']} (XLA cost analysis; pruned = effective) | {m['flops']['dense']:,.0f} | {m['flops']['effective']:,.0f} |
+| inference latency, batch {m['latency_s']['batch']} (masked weights, dense kernels) | {1e3 * m['latency_s']['dense']:.3f} ms | {1e3 * m['latency_s']['masked']:.3f} ms |
+
+Accuracy under Gaussian input noise:
+
+| noise | dense | pruned |
+|---|---:|---:|
+{rob}
+
+## Per-layer sparsity
+
+{summ.markdown()}
+![sparsity](sparsity.png)
+
+## Training curves
+
+![curves](curves.png)
+
+## Score histograms
+
+![scores](scores.png)
+"""
+
+
+# ------------------------------------------------------------------------------------------------ sweep
+def sweep(cfg: RunConfig, criteria, sparsities) -> dict:
+  """Runs the criteria × sparsities grid from one dense checkpoint; cached per cell in out/sweep.json."""
+  validate(cfg)
+  for c in criteria:
+    validate(dataclasses.replace(cfg, criterion=c))
+  for s in sparsities:
+    validate(dataclasses.replace(cfg, sparsity=s))
+  out = Path(cfg.out)
+  out.mkdir(parents=True, exist_ok=True)
+  cache_path = out / "sweep.json"
+  cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+  ds = load_data(cfg)
+  model = _model_for(cfg, ds)
+  dense_state, dense_hist = train_dense(cfg, ds, model)
+  dense_acc = _train.evaluate(model, dense_state["params"], dense_state.get("batch_stats"), ds.x_test,
+                              ds.y_test)["top1"]
+  from jprune._progress import progress_bar
+  cells = [(c, s) for c in criteria for s in sparsities]
+  for c, s in progress_bar(cells, desc="sweep", disable=not cfg.progress):
+    key = f"{c}@{s:g}"
+    if key in cache:
+      continue
+    sub = dataclasses.replace(cfg, criterion=c, sparsity=s, progress=False)
+    res = prune_and_finetune(sub, ds, model, dense_state)
+    acc = _train.evaluate(model, res["state"]["params"], res["state"].get("batch_stats"), ds.x_test, ds.y_test)
+    cache[key] = {"criterion": c, "sparsity": s, "top1": acc["top1"], "top5": acc["top5"],
+                  "reached": float(jp.sparsity(res["masks"], res["state"]["params"]))}
+    tmp = cache_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(cache, indent=1))
+    os.replace(tmp, cache_path)
+  curves = {c: ([s for s in sparsities], [100 * cache[f"{c}@{s:g}"]["top1"] for s in sparsities]) for c in criteria}
+  _report.plot_lines(curves, str(out / "sweep.png"), xlabel="sparsity", ylabel="test top-1 (%)",
+                     title=f"{cfg.model}: accuracy vs sparsity ({cfg.schedule})", baseline=100 * dense_acc)
+  table = "| criterion | " + " | ".join(f"{s:.0%}" for s in sparsities) + " |\n|---|" + "---:|" * len(sparsities) + "\n"
+  for c in criteria:
+    table += f"| {c} | " + " | ".join(f"{100 * cache[f'{c}@{s:g}']['top1']:.2f}%" for s in sparsities) + " |\n"
+  (out / "sweep.md").write_text(f"# sweep: {cfg.model}, {cfg.schedule}, dense top-1 {100 * dense_acc:.2f}%\n\n"
+                                f"{table}\n![sweep](sweep.png)\n")
+  return {"dense_top1": dense_acc, "cells": cache, "table": table}
+
+
+# ------------------------------------------------------------------------------------------------ sensitivity
+def sensitivity(cfg: RunConfig, grid=(0.5, 0.7, 0.8, 0.9, 0.95, 0.98), target: Optional[float] = None,
+                allocation_path: Optional[str] = None) -> dict:
+  """Prunes one layer at a time (criterion, one-shot, no fine-tuning) over `grid`; plots accuracy per layer.
+
+  With `target`, greedily raises the sparsity of whichever layer loses the least accuracy per pruned weight
+  until the overall sparsity over the selected layers reaches `target`, and writes the `by_path` allocation.
+  """
+  validate(cfg)
+  out = Path(cfg.out)
+  out.mkdir(parents=True, exist_ok=True)
+  ds = load_data(cfg)
+  model = _model_for(cfg, ds)
+  dense_state, _ = train_dense(cfg, ds, model)
+  params, stats = dense_state["params"], dense_state.get("batch_stats")
+  base = _train.evaluate(model, params, stats, ds.x_test, ds.y_test)["top1"]
+  crit = criterion_of(cfg.criterion, for_training=False)
+  calib = list(_data.batches(ds.x_train, ds.y_train, 256, seed=cfg.seed + 1, epoch=0))[:cfg.calib_batches]
+  scores = jp.scores(crit, params, loss_fn=_loss_fn(model, stats), batches=calib, progress=False)
+  layers = [p for p, f in zip(jp._tree.paths(params), jax.tree.leaves(jp.select.resolve(None, params))) if f]
+  sizes = {p: int(np.prod(x.shape)) for p, x in jp._tree.leaves_with_paths(params)}
+  acc = {}
+  from jprune._progress import progress_bar
+  for layer in progress_bar(layers, desc="sensitivity", disable=not cfg.progress):
+    acc[layer] = []
+    for s in grid:
+      m = jp.topk(scores, s, where="^" + layer.replace("/", "/") + "$")
+      acc[layer].append(_train.evaluate(model, jp.apply(params, m), stats, ds.x_test, ds.y_test)["top1"])
+  _report.plot_lines({l: (list(grid), [100 * a for a in acc[l]]) for l in layers}, str(out / "sensitivity.png"),
+                     xlabel="sparsity of this layer only", ylabel="test top-1 (%)",
+                     title=f"{cfg.model}: per-layer sensitivity ({cfg.criterion})", baseline=100 * base)
+  result = {"dense_top1": base, "grid": list(grid), "accuracy": acc}
+  if target is not None:
+    alloc = {l: 0.0 for l in layers}
+    level = {l: -1 for l in layers}
+    total = sum(sizes[l] for l in layers)
+    pruned = lambda: sum(alloc[l] * sizes[l] for l in layers) / total
+    while pruned() < target - 1e-9:
+      best, best_cost = None, math.inf
+      for l in layers:
+        if level[l] + 1 >= len(grid):
+          continue
+        prev_acc = base if level[l] < 0 else acc[l][level[l]]
+        gain = (grid[level[l] + 1] - alloc[l]) * sizes[l]
+        cost = max(prev_acc - acc[l][level[l] + 1], 0.0) / gain
+        if cost < best_cost:
+          best, best_cost = l, cost
+      if best is None:
+        break
+      level[best] += 1
+      alloc[best] = grid[level[best]]
+    mapping = {"^" + l + "$": alloc[l] for l in layers}
+    result["allocation"] = mapping
+    result["allocation_sparsity"] = pruned()
+    path = allocation_path or str(out / "allocation.json")
+    with open(path, "w") as f:
+      json.dump(mapping, f, indent=1)
+    result["allocation_path"] = path
+  with open(out / "sensitivity.json", "w") as f:
+    json.dump(result, f, indent=1)
+  return result

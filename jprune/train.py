@@ -1,0 +1,142 @@
+"""Training utilities for the reference models: jitted steps (BatchNorm aware), resumable fitting, evaluation.
+
+The state is a plain dict `{"params", "opt", "pos"[, "batch_stats"]}`; `pos` = [epoch, batch] is the data
+position, so a run restored from a checkpoint continues with exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jprune import checkpoint as _checkpoint
+from jprune import data as _data
+from jprune._progress import progress_bar
+from jprune.recover import distillation_loss
+
+PyTree = Any
+
+
+def init_variables(model, x, seed: int = 0) -> dict:
+  return dict(model.init(jax.random.key(seed), x[:1]))
+
+
+def apply_fn(model, params, batch_stats, x, train: bool = False):
+  """Logits (and new batch stats when training a model with BatchNorm)."""
+  variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
+  if train and batch_stats:
+    logits, upd = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    return logits, upd["batch_stats"]
+  return model.apply(variables, x, train=False), batch_stats
+
+
+def make_step(model, tx, *, teacher: Optional[tuple] = None, distill_temperature: float = 4.0,
+              distill_alpha: float = 0.5) -> Callable:
+  """A jitted train step `(state, x, y) -> (state, loss)`; with `teacher=(params, batch_stats)`, distils."""
+
+  def loss_fn(params, batch_stats, x, y):
+    logits, new_stats = apply_fn(model, params, batch_stats, x, train=True)
+    if teacher is None:
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    else:
+      t_logits, _ = apply_fn(model_teacher, teacher[0], teacher[1], x)
+      loss = distillation_loss(logits, jax.lax.stop_gradient(t_logits), y, temperature=distill_temperature,
+                               alpha=distill_alpha)
+    return loss, new_stats
+
+  model_teacher = model if teacher is None or len(teacher) < 3 else teacher[2]
+
+  @jax.jit
+  def step(state, x, y):
+    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], state.get("batch_stats"),
+                                                                     x, y)
+    updates, opt = tx.update(grads, state["opt"], state["params"])
+    new = dict(state, params=optax.apply_updates(state["params"], updates), opt=opt)
+    if "batch_stats" in state:
+      new["batch_stats"] = stats
+    return new, loss
+
+  return step
+
+
+def evaluate(model, params, batch_stats, x, y, batch_size: int = 1000, noise: float = 0.0,
+             seed: int = 0) -> dict:
+  """Top-1 and top-5 accuracy (and mean loss) on (x, y); `noise` adds Gaussian input noise of that std."""
+  @jax.jit
+  def logits_of(params, batch_stats, xb, key):
+    xb = xb + noise * jax.random.normal(key, xb.shape, xb.dtype) if noise else xb
+    return apply_fn(model, params, batch_stats, xb)[0]
+
+  top1 = top5 = loss = 0.0
+  key = jax.random.key(seed)
+  for i, (xb, yb) in enumerate(_data.eval_batches(x, y, batch_size)):
+    lg = logits_of(params, batch_stats, xb, jax.random.fold_in(key, i))
+    top1 += float(jnp.sum(jnp.argmax(lg, -1) == yb))
+    k = min(5, lg.shape[-1])
+    top5 += float(jnp.sum(jnp.any(jax.lax.top_k(lg, k)[1] == yb[:, None], axis=-1)))
+    loss += float(jnp.sum(optax.softmax_cross_entropy_with_integer_labels(lg, yb)))
+  n = len(y)
+  return {"top1": top1 / n, "top5": top5 / n, "loss": loss / n}
+
+
+def fit(model, state: dict, tx, ds: _data.Dataset, *, epochs: int, batch_size: int, seed: int,
+        ckpt_dir: Optional[str] = None, save_every: int = 200, desc: str = "train", progress: bool = True,
+        teacher=None, history: Optional[list] = None, on_epoch: Optional[Callable] = None,
+        metadata: Optional[dict] = None) -> tuple[dict, list]:
+  """Trains `state` for `epochs` over `ds`, resuming from `ckpt_dir` when it holds a checkpoint.
+
+  Checkpoints every `save_every` steps and at each epoch end (atomic; see `jprune.checkpoint`). Returns the final
+  state and the per-epoch history (train loss, test accuracy), which is saved with every checkpoint.
+  """
+  history = list(history or [])
+  steps_per_epoch = _data.steps_per_epoch(len(ds.x_train), batch_size)
+  total = epochs * steps_per_epoch
+  mngr = _checkpoint.Manager(ckpt_dir, max_to_keep=2) if ckpt_dir else None
+  if mngr is not None and mngr.latest_step() is not None:
+    state = mngr.restore(like=jax.eval_shape(lambda s: s, state))
+    history = list(mngr.metadata().get("history", []))
+  step_fn = make_step(model, tx, teacher=teacher)
+  epoch, start = (int(v) for v in np.asarray(state["pos"]))
+  done = epoch * steps_per_epoch + start
+  bar = progress_bar(total=total, initial=done, desc=desc, disable=not progress, unit="step")
+  try:
+    while epoch < epochs:
+      losses = []
+      for b, (xb, yb) in enumerate(_data.batches(ds.x_train, ds.y_train, batch_size, seed=seed, epoch=epoch,
+                                                 start=start), start=start):
+        state, loss = step_fn(state, xb, yb)
+        losses.append(loss)
+        done += 1
+        bar.update(1)
+        state["pos"] = jnp.asarray([epoch, b + 1], jnp.int32)
+        if mngr is not None and done % save_every == 0 and b + 1 < steps_per_epoch:
+          mngr.save(done, state, metadata=dict(metadata or {}, history=history), force=True)
+        if b % 50 == 0:
+          bar.set_postfix(loss=f"{float(loss):.3f}")
+      epoch, start = epoch + 1, 0
+      state["pos"] = jnp.asarray([epoch, 0], jnp.int32)
+      acc = evaluate(model, state["params"], state.get("batch_stats"), ds.x_test, ds.y_test)["top1"]
+      entry = {"epoch": epoch, "train_loss": float(np.mean([float(l) for l in losses])) if losses else None,
+               "test_top1": acc}
+      if on_epoch is not None:
+        entry.update(on_epoch(state) or {})
+      history.append(entry)
+      if mngr is not None:
+        mngr.save(done, state, metadata=dict(metadata or {}, history=history), force=True)
+  finally:
+    bar.close()
+    if mngr is not None:
+      mngr.close()
+  return state, history
+
+
+def timed(fn, *args):
+  t = time.perf_counter()
+  out = fn(*args)
+  jax.block_until_ready(out)
+  return out, time.perf_counter() - t

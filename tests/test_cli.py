@@ -1,0 +1,153 @@
+"""The `jprune` command end to end on small generated IDX files (the real tfds builder, no network)."""
+
+import gzip
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jprune import data as jdata
+
+ROOT = Path(__file__).parents[1]
+
+
+def write_idx(folder: Path, n_train=640, n_test=200, seed=0):
+  """Fashion-MNIST-shaped IDX files of a learnable task: each class is a noisy prototype."""
+  rng = np.random.default_rng(seed)
+  protos = rng.integers(0, 256, (10, 28, 28))
+  folder.mkdir(parents=True, exist_ok=True)
+  for split, n in (("train", n_train), ("t10k", n_test)):
+    y = rng.integers(0, 10, n).astype(np.uint8)
+    x = np.clip(protos[y] + rng.normal(0, 60, (n, 28, 28)), 0, 255).astype(np.uint8)
+    with gzip.open(folder / f"{split}-images-idx3-ubyte.gz", "wb") as f:
+      f.write(struct.pack(">HBBIII", 0, 8, 3, n, 28, 28) + x.tobytes())
+    with gzip.open(folder / f"{split}-labels-idx1-ubyte.gz", "wb") as f:
+      f.write(struct.pack(">HBBI", 0, 8, 1, n) + y.tobytes())
+  return folder
+
+
+@pytest.fixture(scope="module")
+def idx_dir(tmp_path_factory):
+  return write_idx(tmp_path_factory.mktemp("idx"))
+
+
+def _env(tmp):
+  return dict(os.environ, TFDS_DATA_DIR=str(tmp / "tfds"), JPRUNE_NO_PROGRESS="1", JAX_PLATFORMS="cpu",
+              PYTHONPATH=str(ROOT))
+
+
+def jprune(args, tmp, timeout=600, check=True):
+  out = subprocess.run([sys.executable, "-m", "jprune.cli", *args], capture_output=True, text=True,
+                       env=_env(tmp), timeout=timeout)
+  if check:
+    assert out.returncode == 0, out.stderr[-3000:]
+  return out
+
+
+def test_read_idx_and_builder(idx_dir, tmp_path):
+  x = jdata.read_idx(idx_dir / "train-images-idx3-ubyte.gz")
+  assert x.shape == (640, 28, 28) and x.dtype == np.uint8
+  ds = jdata.load("fashion_mnist", data_dir=str(idx_dir), cache_dir=str(tmp_path / "tfds"))
+  assert ds.x_train.shape == (640, 28, 28, 1) and ds.x_test.shape == (200, 28, 28, 1)
+  assert ds.x_train.dtype == np.float32 and 0 <= ds.x_train.min() and ds.x_train.max() <= 1
+  assert sorted(np.bincount(ds.y_train, minlength=10).nonzero()[0]) == list(range(10))
+  # batches: deterministic per (seed, epoch), resumable at a batch index
+  a = list(jdata.batches(ds.x_train, ds.y_train, 64, seed=1, epoch=2))
+  b = list(jdata.batches(ds.x_train, ds.y_train, 64, seed=1, epoch=2, start=3))
+  np.testing.assert_array_equal(a[3][1], b[0][1])
+  assert not np.array_equal(a[0][1], list(jdata.batches(ds.x_train, ds.y_train, 64, seed=1, epoch=3))[0][1])
+
+
+def test_run_end_to_end(idx_dir, tmp_path):
+  out = tmp_path / "run"
+  res = jprune(["run", "--data-dir", str(idx_dir), "--epochs", "2", "--finetune-epochs", "2",
+                "--batch-size", "32", "--sparsity", "0.8", "--criterion", "taylor", "--out", str(out)], tmp_path)
+  assert "dense top-1" in res.stdout and "Dense_0/kernel" in res.stdout
+  m = json.loads((out / "metrics.json").read_text())
+  assert abs(m["sparsity"] - 0.8) < 0.01
+  assert m["dense"]["top1"] > 0.5 and m["pruned"]["top1"] > 0.3  # the synthetic task is learnable
+  assert m["flops"]["effective"] < 0.4 * m["flops"]["dense"]
+  assert set(m["robustness_top1"]) == {"0.1", "0.2", "0.3"}
+  report = (out / "report.md").read_text()
+  assert "| dense |" in report and "Dense_1/kernel" in report
+  for png in ("sparsity.png", "curves.png", "scores.png"):
+    assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("extra", [["--schedule", "one-shot", "--criterion", "gradient", "--scope", "global"],
+                                   ["--schedule", "iterative", "--granularity", "neurons", "--distill"],
+                                   ["--granularity", "2:4", "--model", "lenet5", "--distribution", "erk"]])
+def test_run_variants(idx_dir, tmp_path, extra):
+  out = tmp_path / "run"
+  jprune(["run", "--data-dir", str(idx_dir), "--epochs", "1", "--finetune-epochs", "1", "--batch-size", "64",
+          "--limit", "320", "--out", str(out), *extra], tmp_path)
+  m = json.loads((out / "metrics.json").read_text())
+  assert m["sparsity"] > 0.4
+
+
+def test_killed_run_resumes_to_the_same_result(idx_dir, tmp_path):
+  args = ["run", "--data-dir", str(idx_dir), "--epochs", "3", "--finetune-epochs", "1", "--batch-size", "16",
+          "--save-every", "5", "--sparsity", "0.7"]
+  ref = tmp_path / "ref"
+  jprune(args + ["--out", str(ref)], tmp_path)
+  out = tmp_path / "killed"
+  proc = subprocess.Popen([sys.executable, "-m", "jprune.cli", *args, "--out", str(out)], env=_env(tmp_path),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  deadline = time.time() + 300
+  while time.time() < deadline:  # kill once a mid-training checkpoint of the dense phase is complete
+    steps = [p for p in (out / "dense").glob("*/jprune_manifest.json")] if (out / "dense").exists() else []
+    if steps:
+      proc.send_signal(signal.SIGKILL)
+      break
+    time.sleep(0.05)
+  proc.wait(timeout=60)
+  assert proc.returncode == -signal.SIGKILL
+  assert not (out / "metrics.json").exists()
+  jprune(args + ["--out", str(out)], tmp_path)
+  a = json.loads((ref / "metrics.json").read_text())
+  b = json.loads((out / "metrics.json").read_text())
+  assert a["dense"] == b["dense"] and a["pruned"] == b["pruned"]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["run", "--criterion", "saliencyx"], "unknown criterion"),
+    (["run", "--sparsity", "1.2"], "sparsity must be in [0, 1)"),
+    (["run", "--data-dir", "/nonexistent/fmnist"], "apt-get install dataset-fashion-mnist"),
+    (["run", "--granularity", "3:2"], "0 < n <= m"),
+    (["sweep", "--sparsities", "0.5,abc"], "comma-separated"),
+])
+def test_bad_arguments_give_one_line(tmp_path, args, needle):
+  res = jprune(args + ["--out", str(tmp_path / "o")], tmp_path, check=False)
+  assert res.returncode != 0
+  assert "Traceback" not in res.stderr
+  lines = [l for l in res.stderr.splitlines() if l.strip() and "WARNING" not in l and not l.startswith("W0")]
+  assert len(lines) == 1 and needle in lines[0], res.stderr
+
+
+def test_sweep_and_sensitivity(idx_dir, tmp_path):
+  out = tmp_path / "sw"
+  base = ["--data-dir", str(idx_dir), "--epochs", "1", "--finetune-epochs", "1", "--batch-size", "64",
+          "--limit", "320", "--out", str(out)]
+  jprune(["sweep", *base, "--criteria", "magnitude,random", "--sparsities", "0.5,0.9"], tmp_path)
+  cells = json.loads((out / "sweep.json").read_text())
+  assert set(cells) == {"magnitude@0.5", "magnitude@0.9", "random@0.5", "random@0.9"}
+  assert (out / "sweep.png").exists()
+  # cached: a second sweep with one more sparsity only computes the new cells
+  before = {k: v["top1"] for k, v in cells.items()}
+  jprune(["sweep", *base, "--criteria", "magnitude,random", "--sparsities", "0.5,0.9,0.95"], tmp_path)
+  cells = json.loads((out / "sweep.json").read_text())
+  assert len(cells) == 6 and all(cells[k]["top1"] == v for k, v in before.items())
+  res = jprune(["sensitivity", *base, "--grid", "0.5,0.9", "--target", "0.6"], tmp_path)
+  alloc = json.loads((out / "allocation.json").read_text())
+  assert set(alloc) == {"^Dense_0/kernel$", "^Dense_1/kernel$", "^Dense_2/kernel$"}
+  sizes = {"^Dense_0/kernel$": 784 * 300, "^Dense_1/kernel$": 300 * 100, "^Dense_2/kernel$": 100 * 10}
+  assert sum(alloc[k] * n for k, n in sizes.items()) / sum(sizes.values()) >= 0.6
+  assert (out / "sensitivity.png").exists()
+  jprune(["run", *base, "--allocation", str(out / "allocation.json"), "--sparsity", "0.6"], tmp_path)
