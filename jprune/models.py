@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 
@@ -100,3 +101,50 @@ def create(name: str, **kwargs) -> nn.Module:
   if name not in MODELS:
     raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}.")
   return MODELS[name](**kwargs)
+
+
+class TransformerBlock(nn.Module):
+  """A pre-norm transformer block (multi-head self-attention + MLP) on (batch, seq, dim) inputs."""
+  num_heads: int = 4
+  head_dim: int = 8
+  mlp: int = 64
+  v_head_dim: Optional[int] = None  # value/output head width (compaction can shrink it apart from q/k)
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    dim = x.shape[-1]
+    h = nn.LayerNorm()(x)
+    q = nn.DenseGeneral((self.num_heads, self.head_dim), name="query")(h)
+    k = nn.DenseGeneral((self.num_heads, self.head_dim), name="key")(h)
+    v = nn.DenseGeneral((self.num_heads, self.v_head_dim or self.head_dim), name="value")(h)
+    att = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(jnp.float32(k.shape[-1])), axis=-1)
+    o = jnp.einsum("bhqk,bkhd->bqhd", att, v)
+    x = x + nn.DenseGeneral(dim, axis=(-2, -1), name="out")(o)
+    h = nn.LayerNorm()(x)
+    return x + nn.Dense(dim, name="mlp_out")(nn.gelu(nn.Dense(self.mlp, name="mlp_in")(h)))
+
+
+def resize(model: nn.Module, params) -> nn.Module:
+  """Rebuilds a reference model with the widths found in (compacted) `params`."""
+  def width(path, axis=-1):
+    p = params
+    for k in path.split("/"):
+      p = p[k]
+    return int(p.shape[axis])
+
+  if isinstance(model, LeNet300):
+    return model.clone(widths=tuple(width(f"Dense_{i}/kernel") for i in range(len(model.widths))))
+  if isinstance(model, (LeNet5, SimpleCNN)):
+    return model.clone(channels=tuple(width(f"Conv_{i}/kernel") for i in range(len(model.channels))),
+                       widths=tuple(width(f"Dense_{i}/kernel") for i in range(len(model.widths))))
+  if isinstance(model, ResNet):
+    blocks, hidden = 0, []
+    for i, stage in enumerate(model.hidden):
+      hidden.append(tuple(width(f"ResidualBlock_{blocks + j}/Conv_0/kernel") for j in range(len(stage))))
+      blocks += len(stage)
+    return model.clone(stage_channels=tuple(width(f"Conv_{i}/kernel") for i in range(len(model.stage_channels))),
+                       hidden=tuple(hidden))
+  if isinstance(model, TransformerBlock):
+    return model.clone(num_heads=width("query/kernel", 1), head_dim=width("query/kernel", 2),
+                       v_head_dim=width("value/kernel", 2), mlp=width("mlp_in/kernel"))
+  raise ValueError(f"resize does not know {type(model).__name__}; rebuild it from the compacted shapes.")

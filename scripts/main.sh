@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Sets everything up (venv, package, Debian data), then runs the main job on real Fashion-MNIST.
+# Sets everything up (venv, package, Debian's Fashion-MNIST), then runs the main job on real data:
+# train LeNet-300-100, prune it to 90% with gradual magnitude pruning, fine-tune, report (runs/main/report.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --data
-cd examples && exec ../.venv/bin/python 01_one_shot_gradient.py "$@"
+exec .venv/bin/jprune run --model lenet300 --sparsity 0.9 --out runs/main "$@"

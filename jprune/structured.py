@@ -1,0 +1,557 @@
+"""Structured pruning that pays: coupled-axis groups traced from the jaxpr, group scores, compaction.
+
+`groups(apply_fn, params, *args)` traces `apply_fn(params, *args)` with `jax.make_jaxpr` and follows every
+array axis through the equations (DepGraph, Fang et al. 2023, for JAX). Each `(variable, axis)` of size > 1 is a
+node; a union-find joins nodes that must be pruned together. Links carry a *pattern*: "unit j of the coarser axis
+is the block `[j·inner, (j+1)·inner)` repeated `outer` times along the finer axis", which covers plain coupling
+(outer = inner = 1), attention heads (`reshape (…, H·D) → (…, H, D)`: the head axis H against the merged axis,
+inner = D) and flattening (`(…, H, W, C) → (…, H·W·C)`: channel C against the flattened axis, outer = H·W).
+
+Axes that reach the model's outputs, or an op without a rule, are *blocked*: a group containing one is reported
+as not prunable, naming the op and where, instead of guessed. A group lists its parameter members
+`(path, axis, outer, inner)` and its number of units; removing unit j slices that pattern out of every member.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jprune import _tree
+
+try:  # public home of jaxpr classes
+  from jax.extend.core import Literal
+except ImportError:  # older JAX
+  from jax.core import Literal
+
+PyTree = Any
+
+
+class Member(NamedTuple):
+  path: str    # '/'-joined leaf path
+  axis: int
+  outer: int   # the unit pattern repeats `outer` times along the axis
+  inner: int   # each unit is `inner` contiguous entries
+
+
+class Group(NamedTuple):
+  members: tuple       # Members (parameter axes) in leaf order
+  size: int            # number of prunable units
+  prunable: bool
+  reason: str = ""     # why not prunable: "<op> at <where>"
+
+  def __repr__(self):
+    tag = f"{self.size} units" if self.prunable else f"not prunable: {self.reason}"
+    return f"Group({tag}: " + ", ".join(f"{m.path}[{m.axis}]" for m in self.members) + ")"
+
+
+ELEMENTWISE = {
+    "add", "sub", "mul", "div", "max", "min", "neg", "abs", "exp", "exp2", "log", "log1p", "tanh", "logistic",
+    "sqrt", "rsqrt", "cbrt", "integer_pow", "pow", "square", "sign", "floor", "ceil", "round", "erf", "erfc",
+    "erf_inv", "sin", "cos", "tan", "select_n", "clamp", "convert_element_type", "stop_gradient", "nextafter",
+    "rem", "atan2", "and", "or", "not", "xor", "eq", "ne", "lt", "le", "gt", "ge", "is_finite", "expm1",
+    "copy", "copy_p", "reduce_precision", "real", "imag", "optimization_barrier", "asinh", "acosh", "atanh",
+    "sinh", "cosh", "asin", "acos", "atan", "shift_left", "shift_right_logical", "shift_right_arithmetic",
+    "population_count", "max_p", "min_p", "tan", "logaddexp",
+}
+REDUCTIONS = {"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "argmax", "argmin", "reduce_and",
+              "reduce_or", "reduce_xor"}
+CALLS = {"pjit", "jit", "closed_call", "core_call", "remat", "checkpoint", "custom_jvp_call", "custom_vjp_call",
+         "custom_vjp_call_jaxpr", "remat2", "custom_lin"}
+
+
+class _UF:
+  """Union-find over (var, axis) nodes with unit patterns relative to the parent."""
+
+  def __init__(self):
+    self.parent: dict = {}
+    self.rel: dict = {}      # node -> (outer, inner) relative to parent
+    self.size: dict = {}
+    self.blocked: dict = {}  # root -> reason
+
+  def add(self, node, size):
+    if node not in self.parent:
+      self.parent[node], self.rel[node], self.size[node] = node, (1, 1), size
+
+  def find(self, x):
+    p = self.parent[x]
+    if p == x:
+      return x, 1, 1
+    root, o, i = self.find(p)
+    po, pi = self.rel[x]
+    self.parent[x], self.rel[x] = root, (po * o, i * pi)
+    return root, po * o, i * pi
+
+  def block(self, node, reason):
+    root, _, _ = self.find(node)
+    self.blocked.setdefault(root, reason)
+
+  def union(self, x, y, outer=1, inner=1):
+    """Couples x and y where y's axis = outer × x's axis × inner (unit j of x ↔ that pattern of y)."""
+    rx, ox, ix = self.find(x)
+    ry, oy, iy = self.find(y)
+    if rx == ry:
+      if (oy, iy) != (ox * outer, ix * inner):
+        self.block(rx, "inconsistent coupling")
+      return
+    # y = (outer·ox) × U_rx × (ix·inner) = oy × U_ry × iy
+    a_o, a_i = outer * ox, ix * inner
+    reason = self.blocked.pop(rx, None) or self.blocked.pop(ry, None)
+    if a_o % oy == 0 and a_i % iy == 0:      # ry is finer: hang it under rx
+      self.parent[ry], self.rel[ry] = rx, (a_o // oy, a_i // iy)
+      root = rx
+    elif oy % a_o == 0 and iy % a_i == 0:    # rx is finer: hang it under ry
+      self.parent[rx], self.rel[rx] = ry, (oy // a_o, iy // a_i)
+      root = ry
+    else:
+      self.parent[ry], self.rel[ry] = rx, (1, 1)
+      root = rx
+      reason = reason or "incompatible reshape coupling"
+    if reason:
+      self.blocked[root] = reason
+
+
+def _shape(v):
+  return tuple(getattr(v.aval, "shape", ()))
+
+
+class _Tracer:
+  """Walks a jaxpr; every call site of a sub-jaxpr gets its own namespace (jaxprs are cached and shared)."""
+
+  def __init__(self):
+    self.uf = _UF()
+    self.ctx = 0
+    self.n_ctx = 0
+    self.keep: list = []  # keeps traced Vars alive so their ids stay unique
+
+  def node(self, v, axis, ctx=None):
+    if isinstance(v, Literal):
+      return None
+    shape = _shape(v)
+    if shape[axis] <= 1:
+      return None
+    key = (self.ctx if ctx is None else ctx, id(v), axis)
+    if key not in self.uf.parent:
+      self.uf.add(key, shape[axis])
+      self.keep.append(v)
+    return key
+
+  def is_blocked(self, v, axis):
+    n = self.node(v, axis)
+    return n is None or self.uf.find(n)[0] in self.uf.blocked
+
+  def link(self, a, ai, b, bi, outer=1, inner=1):
+    na, nb = self.node(a, ai), self.node(b, bi)
+    if na is not None and nb is not None:
+      self.uf.union(na, nb, outer, inner)
+
+  def block_all(self, vars_, reason):
+    for v in vars_:
+      if isinstance(v, Literal):
+        continue
+      for ax in range(len(_shape(v))):
+        n = self.node(v, ax)
+        if n is not None:
+          self.uf.block(n, reason)
+
+  # ------------------------------------------------------------------------------------------- rules
+  def jaxpr(self, jaxpr, where="model"):
+    for i, eqn in enumerate(jaxpr.eqns):
+      self.eqn(eqn, f"{where}/{eqn.primitive.name}#{i}")
+
+  def eqn(self, eqn, where):
+    name = eqn.primitive.name
+    ins, outs, p = eqn.invars, eqn.outvars, eqn.params
+    if name in ELEMENTWISE:
+      out = outs[0]
+      for v in ins:
+        if isinstance(v, Literal) or len(_shape(v)) != len(_shape(out)):
+          continue
+        for d, (a, b) in enumerate(zip(_shape(v), _shape(out))):
+          if a == b:
+            self.link(out, d, v, d)
+    elif name == "broadcast_in_dim":
+      for i, d in enumerate(p["broadcast_dimensions"]):
+        if _shape(ins[0])[i] == _shape(outs[0])[d]:
+          self.link(outs[0], d, ins[0], i)
+    elif name == "transpose":
+      for i, src in enumerate(p["permutation"]):
+        self.link(outs[0], i, ins[0], src)
+    elif name in REDUCTIONS:
+      axes = set(p.get("axes", ()))
+      kept = [d for d in range(len(_shape(ins[0]))) if d not in axes]
+      for o, d in enumerate(kept):
+        if o < len(_shape(outs[0])):
+          self.link(outs[0], o, ins[0], d)
+    elif name == "squeeze":
+      dims = set(d % len(_shape(ins[0])) for d in p["dimensions"])
+      kept = [d for d in range(len(_shape(ins[0]))) if d not in dims]
+      for o, d in enumerate(kept):
+        self.link(outs[0], o, ins[0], d)
+    elif name == "expand_dims":
+      self.block_all(ins + outs, f"{name} at {where}")
+    elif name == "reshape":
+      self.reshape(ins[0], outs[0], where)
+    elif name == "dot_general":
+      self.dot_general(eqn)
+    elif name == "conv_general_dilated":
+      self.conv(eqn, where)
+    elif name in ("reduce_window_max", "reduce_window_sum", "reduce_window_min", "reduce_window"):
+      win = p["window_dimensions"]
+      for d, w in enumerate(win):
+        if w == 1 and _shape(ins[0])[d] == _shape(outs[0])[d]:
+          self.link(outs[0], d, ins[0], d)
+        else:
+          for v in (ins[0], outs[0]):
+            n = self.node(v, d)
+            if n is not None:
+              self.uf.block(n, f"{name} window at {where}")
+    elif name in ("slice", "dynamic_slice", "pad", "rev", "cumsum", "cumprod", "cummax", "cummin", "sort"):
+      src, out = ins[0], outs[0]
+      changed = set(range(len(_shape(src))))
+      if name in ("slice", "dynamic_slice", "pad"):
+        changed = {d for d, (a, b) in enumerate(zip(_shape(src), _shape(out))) if a != b}
+      elif name == "rev":
+        changed = set(p["dimensions"])
+      elif name in ("cumsum", "cumprod", "cummax", "cummin"):
+        changed = {p["axis"]}
+      elif name == "sort":
+        changed = {p["dimension"]}
+      for d in range(len(_shape(src))):
+        if d in changed:
+          for v in (src, out):
+            n = self.node(v, d)
+            if n is not None:
+              self.uf.block(n, f"{name} at {where}")
+        else:
+          self.link(out, d, src, d)
+      for o in outs[1:]:
+        self.block_all([o], f"{name} at {where}")
+    elif name == "concatenate":
+      dim = p["dimension"]
+      for v in ins:
+        for d in range(len(_shape(v))):
+          if d == dim:
+            self.block_all([], "")
+            n = self.node(v, d)
+            if n is not None:
+              self.uf.block(n, f"concatenate at {where}")
+          else:
+            self.link(outs[0], d, v, d)
+      n = self.node(outs[0], dim)
+      if n is not None:
+        self.uf.block(n, f"concatenate at {where}")
+    elif name in CALLS or any(k in p for k in ("jaxpr", "call_jaxpr", "fun_jaxpr")):
+      sub = p.get("jaxpr") or p.get("call_jaxpr") or p.get("fun_jaxpr")
+      closed = getattr(sub, "jaxpr", sub)
+      if closed is None or not hasattr(closed, "eqns"):
+        self.block_all(ins + outs, f"{name} at {where}")
+        return
+      outer_ctx = self.ctx
+      self.n_ctx += 1
+      inner_ctx = self.n_ctx
+      for a, b in zip(ins, closed.invars):
+        for d in range(len(_shape(b))):
+          na, nb = self.node(a, d, outer_ctx), self.node(b, d, inner_ctx)
+          if na is not None and nb is not None:
+            self.uf.union(na, nb)
+      self.ctx = inner_ctx
+      self.jaxpr(closed, where)
+      self.ctx = outer_ctx
+      for a, b in zip(outs, closed.outvars):
+        for d in range(len(_shape(a))):
+          na, nb = self.node(a, d, outer_ctx), self.node(b, d, inner_ctx)
+          if na is not None and nb is not None:
+            self.uf.union(na, nb)
+    elif name in ("iota", "rng_bit_generator", "random_bits", "random_seed", "random_wrap", "random_unwrap",
+                  "threefry2x32"):
+      pass
+    else:
+      self.block_all(list(ins) + list(outs), f"{name} at {where}")
+
+  def reshape(self, src, out, where):
+    a, b = _shape(src), _shape(out)
+    i = j = 0
+    while i < len(a) and j < len(b):
+      if a[i] == b[j]:
+        self.link(out, j, src, i)
+        i, j = i + 1, j + 1
+        continue
+      # find the smallest runs a[i:i2], b[j:j2] with equal products
+      i2, j2, pa, pb = i + 1, j + 1, a[i], b[j]
+      while pa != pb:
+        if pa < pb:
+          pa *= a[i2]
+          i2 += 1
+        else:
+          pb *= b[j2]
+          j2 += 1
+      if i2 - i == 1:    # one input axis split into several output axes
+        merged, parts, mv, pv = src, list(range(j, j2)), (src, i), out
+      elif j2 - j == 1:  # several input axes merged into one output axis
+        merged, parts, mv, pv = out, list(range(i, i2)), (out, j), src
+      else:
+        for v, rng in ((src, range(i, i2)), (out, range(j, j2))):
+          for d in rng:
+            n = self.node(v, d)
+            if n is not None:
+              self.uf.block(n, f"reshape at {where}")
+        i, j = i2, j2
+        continue
+      # The merged axis is a product of the parts; a node holds one coupling, so it is coupled to one part: the
+      # first one of size > 1 that is not blocked (heads: (H, D) -> H; flatten after pooling: (H, W, C) -> C,
+      # since pooling blocked the spatial axes). Other parts stay uncoupled from it.
+      sizes = [_shape(pv)[d] for d in parts]
+      for k, d in enumerate(parts):
+        if sizes[k] > 1 and not self.is_blocked(pv, d):
+          outer = int(np.prod(sizes[:k])) if k else 1
+          inner = int(np.prod(sizes[k + 1:])) if k + 1 < len(sizes) else 1
+          self.link(pv, d, mv[0], mv[1], outer, inner)
+          break
+      else:  # every part is blocked: so is the merged axis
+        reasons = [self.uf.blocked[self.uf.find(self.node(pv, d))[0]] for d in parts if self.node(pv, d) is not None]
+        n = self.node(*mv)
+        if n is not None and reasons:
+          self.uf.block(n, reasons[0])
+      i, j = i2, j2
+
+  def dot_general(self, eqn):
+    lhs, rhs = eqn.invars
+    out = eqn.outvars[0]
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    for a, b in zip(lc, rc):
+      self.link(lhs, a, rhs, b)
+      if lb:  # activation x activation (attention q·k): removing entries would change a shape-derived scale
+        for v, d in ((lhs, a), (rhs, b)):
+          n = self.node(v, d)
+          if n is not None:
+            self.uf.block(n, "contraction of a batched dot_general (attention scores)")
+    for k, (a, b) in enumerate(zip(lb, rb)):
+      self.link(out, k, lhs, a)
+      self.link(out, k, rhs, b)
+    lf = [d for d in range(len(_shape(lhs))) if d not in lc and d not in lb]
+    rf = [d for d in range(len(_shape(rhs))) if d not in rc and d not in rb]
+    for k, d in enumerate(lf):
+      self.link(out, len(lb) + k, lhs, d)
+    for k, d in enumerate(rf):
+      self.link(out, len(lb) + len(lf) + k, rhs, d)
+
+  def conv(self, eqn, where):
+    lhs, rhs = eqn.invars
+    out = eqn.outvars[0]
+    dn = eqn.params["dimension_numbers"]
+    ls, rs, os_ = dn.lhs_spec, dn.rhs_spec, dn.out_spec
+    fg = eqn.params["feature_group_count"]
+    if eqn.params.get("batch_group_count", 1) != 1:
+      self.block_all([lhs, rhs, out], f"conv batch groups at {where}")
+      return
+    self.link(out, os_[0], lhs, ls[0])
+    if fg == 1:
+      self.link(lhs, ls[1], rhs, rs[1])
+      self.link(out, os_[1], rhs, rs[0])
+    elif fg == _shape(lhs)[ls[1]] and _shape(rhs)[rs[0]] == fg:  # depthwise, multiplier 1
+      self.link(out, os_[1], rhs, rs[0])
+      self.link(out, os_[1], lhs, ls[1])
+    else:
+      for v, d in ((lhs, ls[1]), (rhs, rs[0]), (rhs, rs[1]), (out, os_[1])):
+        n = self.node(v, d)
+        if n is not None:
+          self.uf.block(n, f"grouped conv at {where}")
+    for k in range(2, len(ls)):
+      for v, d in ((lhs, ls[k]), (out, os_[k])):
+        n = self.node(v, d)
+        if n is not None and _shape(lhs)[ls[k]] != _shape(out)[os_[k]]:
+          pass  # spatial axes are never parameter axes of Dense/Conv kernels; leave them unlinked
+
+
+def groups(apply_fn, params: PyTree, *example_args, include_unprunable: bool = True) -> list[Group]:
+  """Finds groups of coupled parameter axes by tracing `apply_fn(params, *example_args)`.
+
+  Args:
+    apply_fn: e.g. `lambda p, x: model.apply({"params": p}, x)`; extra collections (batch stats) can be passed
+      as further example args: their axes join the groups too, and `compact` slices them when given.
+    params: the parameter tree whose axes are grouped.
+    example_args: example inputs (arrays or `jax.ShapeDtypeStruct`).
+    include_unprunable: also return groups that touch a blocked axis (with `prunable=False` and the reason).
+
+  Returns:
+    Groups in order of their first member's leaf, each listing every coupled parameter axis.
+  """
+  closed = jax.make_jaxpr(apply_fn)(params, *example_args)
+  jaxpr = closed.jaxpr
+  t = _Tracer()
+  n_params = len(jax.tree.leaves(params))
+  offset = n_params
+  for k, a in enumerate(example_args):  # plain-array arguments are data inputs: their axes are not prunable
+    n = len(jax.tree.leaves(a))
+    if isinstance(a, (jax.Array, np.ndarray, jax.ShapeDtypeStruct)):
+      t.block_all(jaxpr.invars[offset:offset + n], f"model input (argument {k + 1})")
+    offset += n
+  t.jaxpr(jaxpr)
+  for v in jaxpr.outvars:
+    if not isinstance(v, Literal):
+      t.block_all([v], "model output")
+  leaf_paths = _tree.paths(params)
+  extra_paths = []
+  for k, a in enumerate(example_args):
+    extra_paths += [f"arg{k + 1}/{p}" for p in _tree.paths(a)]
+  in_paths = leaf_paths + extra_paths
+  by_root: dict = {}
+  for v, path in zip(jaxpr.invars, in_paths):
+    for ax in range(len(_shape(v))):
+      key = (0, id(v), ax)
+      if key not in t.uf.parent:
+        continue
+      root, outer, inner = t.uf.find(key)
+      by_root.setdefault(root, []).append(Member(path, ax, outer, inner))
+  out = []
+  for root, members in by_root.items():
+    if not any(not m.path.startswith("arg") for m in members):
+      continue
+    reason = t.uf.blocked.get(root, "")
+    size = t.uf.size[root]
+    if reason and not include_unprunable:
+      continue
+    members.sort(key=lambda m: (in_paths.index(m.path), m.axis))
+    out.append(Group(tuple(members), size, not reason, reason))
+  out.sort(key=lambda g: (in_paths.index(g.members[0].path), g.members[0].axis))
+  return out
+
+
+def _unit_view(x: jax.Array, m: Member, size: int) -> jax.Array:
+  """Moves member axis to the end and splits it as (outer, units, inner)."""
+  x = jnp.moveaxis(jnp.asarray(x, jnp.float32), m.axis, -1)
+  return x.reshape(*x.shape[:-1], m.outer, size, m.inner)
+
+
+def group_scores(groups_: Sequence[Group], scores: PyTree, reduce: str = "l2") -> list[jax.Array]:
+  """One score per unit of every prunable group, aggregating all members' scores.
+
+  reduce: "l2" (sqrt of the sum of squares), "l1" (sum of |s|), "mean" (mean of |s| over all member entries),
+  or "taylor" (sum, for |w·g| scores: Molchanov 2019's group Taylor).
+  """
+  if reduce not in ("l2", "l1", "mean", "taylor"):
+    raise ValueError(f"reduce must be l2, l1, mean or taylor; got {reduce!r}.")
+  flat = dict(_tree.leaves_with_paths(scores))
+  out = []
+  for g in groups_:
+    total, count = jnp.zeros(g.size, jnp.float32), 0
+    for m in g.members:
+      if m.path not in flat:
+        continue
+      u = _unit_view(flat[m.path], m, g.size)
+      axes = tuple(d for d in range(u.ndim) if d != u.ndim - 2)
+      if reduce == "l2":
+        total = total + jnp.sum(jnp.square(u), axis=axes)
+      else:
+        total = total + jnp.sum(jnp.abs(u), axis=axes)
+      count += u.size // g.size
+    if reduce == "l2":
+      total = jnp.sqrt(total)
+    elif reduce == "mean":
+      total = total / max(count, 1)
+    out.append(total)
+  return out
+
+
+def group_masks(groups_: Sequence[Group], gscores: Sequence[jax.Array], sparsity: float, *,
+                scope: str = "global", round_to: int = 1, max_ratio: float = 0.9) -> list[jax.Array]:
+  """Bool keep-masks per group (one entry per unit) from group scores.
+
+  scope "global" ranks units of all prunable groups together (scores normalised by each group's mean so groups
+  of different sizes compare); "group" prunes `sparsity` of every group. Each group keeps at least
+  `(1 − max_ratio)` of its units and a multiple of `round_to` (hardware-friendly widths).
+  """
+  from jprune import masks as _masks
+  _tree.check_sparsity(sparsity)
+  out = []
+  prunable = [i for i, g in enumerate(groups_) if g.prunable]
+  if scope == "global":
+    normed = [gscores[i] / (jnp.mean(gscores[i]) + 1e-12) for i in prunable]
+    n = sum(int(x.size) for x in normed)
+    keeps = _masks.prune_lowest([(x, None) for x in normed], int(round(sparsity * n)), _masks._unit_key)
+    counts = [int(k.sum()) for k in keeps]
+  else:
+    counts = [groups_[i].size - int(round(sparsity * groups_[i].size)) for i in prunable]
+  result = {}
+  for i, c in zip(prunable, counts):
+    size = groups_[i].size
+    c = max(c, math.ceil((1.0 - max_ratio) * size), 1)
+    c = min(size, int(math.ceil(c / round_to) * round_to))
+    kp, = _masks.prune_lowest([(gscores[i], None)], size - c, _masks._unit_key)
+    result[i] = kp
+  for i, g in enumerate(groups_):
+    out.append(result.get(i, jnp.ones(g.size, jnp.bool_)))
+  return out
+
+
+def to_param_masks(groups_: Sequence[Group], gmasks: Sequence[jax.Array], params: PyTree) -> PyTree:
+  """The core's masks for the params (bool, broadcastable where possible, full shape otherwise)."""
+  flat = {p: jnp.ones(x.shape, jnp.bool_) for p, x in _tree.leaves_with_paths(params)}
+  touched = set()
+  for g, gm in zip(groups_, gmasks):
+    if bool(jnp.all(gm)):
+      continue
+    for m in g.members:
+      if m.path not in flat:
+        continue
+      touched.add(m.path)
+      shape = flat[m.path].shape
+      unit = jnp.broadcast_to(gm[None, :, None], (m.outer, g.size, m.inner)).reshape(-1)
+      view = [1] * len(shape)
+      view[m.axis] = shape[m.axis]
+      flat[m.path] = flat[m.path] & unit.reshape(view)
+  leaves = []
+  for p, x in _tree.leaves_with_paths(params):
+    m = flat[p]
+    if p not in touched:
+      leaves.append(jnp.asarray(True))
+      continue
+    # shrink to a broadcastable shape when the mask varies along one axis only
+    varying = [d for d in range(m.ndim) if not bool(jnp.all(m == jnp.take(m, jnp.array([0]), axis=d)))]
+    if len(varying) == 1:
+      d = varying[0]
+      m = jnp.take(m, jnp.array([0]), axis=[i for i in range(m.ndim) if i != d][0]) if m.ndim > 1 else m
+      m = jnp.reshape(jnp.all(flat[p], axis=tuple(i for i in range(flat[p].ndim) if i != d), keepdims=True),
+                      [flat[p].shape[i] if i == d else 1 for i in range(flat[p].ndim)])
+    leaves.append(m)
+  return jax.tree.unflatten(jax.tree.structure(params), leaves)
+
+
+def compact(params: PyTree, groups_: Sequence[Group], gmasks: Sequence[jax.Array],
+            extra: Optional[PyTree] = None, extra_prefix: str = "arg1/"):
+  """Slices the pruned units out of every member; returns (small_params, widths[, small_extra]).
+
+  `widths` maps each prunable group's first member `path[axis]` to the kept number of units. `extra` (e.g. the
+  batch stats passed as the second example argument to `groups`) is sliced along the same groups; its member
+  paths carry `extra_prefix`. Works on any pytree (linen dicts, `nnx.State`).
+  """
+  flat = dict(_tree.leaves_with_paths(params))
+  flat_extra = {extra_prefix + p: x for p, x in _tree.leaves_with_paths(extra)} if extra is not None else {}
+  widths = {}
+  for g, gm in zip(groups_, gmasks):
+    keep = np.flatnonzero(np.asarray(gm))
+    if len(keep) == g.size:
+      if g.prunable:
+        widths[f"{g.members[0].path}[{g.members[0].axis}]"] = g.size
+      continue
+    if not g.prunable:
+      raise ValueError(f"group {g} is not prunable ({g.reason}) but its mask removes units.")
+    widths[f"{g.members[0].path}[{g.members[0].axis}]"] = int(len(keep))
+    for m in g.members:
+      store = flat if m.path in flat else flat_extra if m.path in flat_extra else None
+      if store is None:
+        continue
+      idx = (np.arange(m.outer)[:, None, None] * g.size * m.inner + keep[None, :, None] * m.inner
+             + np.arange(m.inner)[None, None, :]).reshape(-1)
+      store[m.path] = jnp.take(store[m.path], jnp.asarray(idx), axis=m.axis)
+  small = jax.tree.unflatten(jax.tree.structure(params), [flat[p] for p in _tree.paths(params)])
+  if extra is None:
+    return small, widths
+  small_extra = jax.tree.unflatten(jax.tree.structure(extra),
+                                   [flat_extra[extra_prefix + p] for p in _tree.paths(extra)])
+  return small, widths, small_extra
