@@ -40,6 +40,8 @@ def _common(p: argparse.ArgumentParser):
   p.add_argument("--limit", type=int, default=None, help="use only the first N examples of each split")
   p.add_argument("--calib-batches", type=int, default=20, help="batches for one-shot gradient scores")
   p.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps (and every epoch)")
+  p.add_argument("--compact", action="store_true",
+                 help="with --granularity neurons: remove pruned units and report the smaller model")
   p.add_argument("--no-progress", action="store_true")
 
 
@@ -51,7 +53,7 @@ def _config(args):
                    finetune_epochs=args.finetune_epochs, batch_size=args.batch_size, lr=args.lr,
                    finetune_lr=args.finetune_lr, seed=args.seed, out=args.out, distill=args.distill,
                    limit=args.limit, calib_batches=args.calib_batches, progress=not args.no_progress,
-                   save_every=args.save_every)
+                   save_every=args.save_every, compact=args.compact)
 
 
 def _floats(s: str):
@@ -95,6 +97,10 @@ def main(argv=None) -> int:
       print(_summary_table(m))
       print(f"\ndense top-1 {100 * m['dense']['top1']:.2f}% | pruned ({m['sparsity']:.1%} sparse) top-1 "
             f"{100 * m['pruned']['top1']:.2f}%   report: {os.path.join(cfg.out, 'report.md')}")
+      if m.get("compact"):
+        c = m["compact"]
+        print(f"compacted: top-1 {100 * c['top1']:.2f}%, {c['params']:,} of {c['dense_params']:,} params, "
+              f"{c['speedup']:.2f}x faster than dense")
     elif args.command == "sweep":
       criteria = [c for c in args.criteria.split(",") if c]
       res = job.sweep(cfg, criteria, args.sparsities)

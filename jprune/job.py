@@ -57,9 +57,10 @@ class RunConfig:
   noise: tuple = (0.1, 0.2, 0.3)
   progress: bool = True
   save_every: int = 200
+  compact: bool = False
 
   def prune_tag(self) -> str:
-    keys = ("criterion", "sparsity", "schedule", "scope", "granularity", "distribution", "allocation",
+    keys = ("criterion", "sparsity", "schedule", "scope", "granularity", "distribution", "allocation", "model",
             "finetune_epochs", "finetune_lr", "distill", "calib_batches")
     blob = json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True)
     return f"{self.criterion}-{self.schedule}-{self.sparsity:g}-" + hashlib.sha1(blob.encode()).hexdigest()[:8]
@@ -82,6 +83,8 @@ def validate(cfg: RunConfig) -> None:
     raise ValueError(f"unknown distribution {cfg.distribution!r}; choose uniform or erk (or --allocation FILE).")
   if cfg.epochs < 0 or cfg.finetune_epochs < 0:
     raise ValueError("epochs must be >= 0.")
+  if cfg.compact and jp.masks.parse_granularity(cfg.granularity).kind != "neurons":
+    raise ValueError("--compact removes whole neurons/channels: use it with --granularity neurons.")
 
 
 def criterion_of(name: str, for_training: bool) -> jp.Criterion:
@@ -158,7 +161,24 @@ def prune_and_finetune(cfg: RunConfig, ds, model, dense_state) -> dict:
   dist = _distribution(cfg)
   where = _where_for(gran, params)
   scores = None
-  if cfg.schedule == "one-shot":
+  groups = gmasks = None
+  if gran.kind == "neurons":
+    # whole neurons/channels/heads: groups of coupled axes from the jaxpr, so every member (bias, BatchNorm,
+    # next layer's input) is masked together and the result can be compacted
+    from jprune import structured as S
+    if cfg.schedule != "one-shot":
+      print("jprune: note: structured pruning prunes once (one-shot), then fine-tunes with masks kept.",
+            file=sys.stderr)
+    groups = _groups(model, params, stats, ds)
+    crit = criterion_of(cfg.criterion, for_training=False)
+    calib = list(_data.batches(ds.x_train, ds.y_train, 256, seed=cfg.seed + 1, epoch=0))[:cfg.calib_batches]
+    scores = jp.scores(crit, params, loss_fn=_loss_fn(model, stats), batches=calib, progress=cfg.progress)
+    gmasks = S.group_masks(groups, S.group_scores(groups, scores, reduce="l2"), cfg.sparsity,
+                           scope="global" if cfg.scope == "global" else "group")
+    masks = S.to_param_masks(groups, gmasks, params)
+    params = jp.apply(params, masks)
+    tx = optax.chain(_adam(cfg.finetune_lr, cfg.weight_decay, total), jp.keep_pruned(masks))
+  elif cfg.schedule == "one-shot":
     crit = criterion_of(cfg.criterion, for_training=False)
     calib = list(_data.batches(ds.x_train, ds.y_train, 256, seed=cfg.seed + 1, epoch=0))[:cfg.calib_batches]
     scores = jp.scores(crit, params, loss_fn=_loss_fn(model, stats), batches=calib, progress=cfg.progress)
@@ -195,7 +215,16 @@ def prune_and_finetune(cfg: RunConfig, ds, model, dense_state) -> dict:
     crit = criterion_of(cfg.criterion, for_training=True)
     weights = dense_state["params"] if not crit.needs_grads else state["params"]
     scores = crit.score(state["opt"].criterion, weights)
-  return {"state": state, "masks": masks, "history": history, "scores": scores}
+  return {"state": state, "masks": masks, "history": history, "scores": scores, "groups": groups,
+          "group_masks": gmasks}
+
+
+def _groups(model, params, stats, ds):
+  from jprune import structured as S
+  x = jnp.asarray(ds.x_test[:2])
+  if stats:
+    return S.groups(lambda p, b, x: model.apply({"params": p, "batch_stats": b}, x), params, stats, x)
+  return S.groups(lambda p, x: model.apply({"params": p}, x), params, x)
 
 
 def run(cfg: RunConfig, ds: Optional[_data.Dataset] = None, dense=None) -> dict:
@@ -223,7 +252,11 @@ def run(cfg: RunConfig, ds: Optional[_data.Dataset] = None, dense=None) -> dict:
   eff_flops = _report.effective_flops(total_flops, per_layer, st["params"], masks)
   lat_dense = _report.latency(fwd, variables, xb)
   lat_pruned = _report.latency(fwd, dict(variables, params=st["params"]), xb)
+  compact = None
+  if cfg.compact:
+    compact = _compact_metrics(cfg, ds, model, st, res, variables, xb, total_flops)
   metrics = {
+      "compact": compact,
       "config": dataclasses.asdict(cfg),
       "dense": dense_eval, "pruned": pruned_eval,
       "sparsity": float(jp.sparsity(masks, st["params"])),
@@ -241,6 +274,33 @@ def run(cfg: RunConfig, ds: Optional[_data.Dataset] = None, dense=None) -> dict:
   _report.plot_score_histograms(res["scores"], masks, str(out / "scores.png"))
   (out / "report.md").write_text(_markdown(cfg, metrics, summ))
   return metrics
+
+
+def _compact_metrics(cfg, ds, model, st, res, dense_variables, xb, dense_flops) -> dict:
+  """Physically removes the pruned units, rebuilds the smaller model, and measures it next to the others."""
+  from jprune import structured as S
+  stats = st.get("batch_stats")
+  if stats:
+    small, widths, small_stats = S.compact(st["params"], res["groups"], res["group_masks"], extra=stats)
+  else:
+    (small, widths), small_stats = S.compact(st["params"], res["groups"], res["group_masks"]), None
+  small_model = _models.resize(model, small)
+  ev = _train.evaluate(small_model, small, small_stats, ds.x_test, ds.y_test)
+  variables = {"params": small, **({"batch_stats": small_stats} if small_stats else {})}
+  fwd = lambda v, x: small_model.apply(v, x)
+  dense_fwd = lambda v, x: model.apply(v, x)
+  # latency side by side, alternating, so both see the same machine state
+  lat_small, lat_dense = [], []
+  for _ in range(5):
+    lat_dense.append(_report.latency(dense_fwd, dense_variables, xb, repeats=20))
+    lat_small.append(_report.latency(fwd, variables, xb, repeats=20))
+  return {"top1": ev["top1"], "top5": ev["top5"], "widths": widths,
+          "params": int(sum(x.size for x in jax.tree.leaves(small))),
+          "dense_params": int(sum(x.size for x in jax.tree.leaves(dense_variables["params"]))),
+          "bytes": int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(small))),
+          "flops": _report.flops(fwd, variables, xb), "dense_flops": dense_flops,
+          "latency_s": float(np.median(lat_small)), "dense_latency_s": float(np.median(lat_dense)),
+          "speedup": float(np.median(lat_dense) / np.median(lat_small))}
 
 
 def _markdown(cfg, m, summ) -> str:
@@ -265,6 +325,7 @@ criterion **{cfg.criterion}**, schedule **{cfg.schedule}**, scope **{cfg.scope}*
 | FLOPs per batch of {m['flops']['batch']} (XLA cost analysis; pruned = effective) | {m['flops']['dense']:,.0f} | {m['flops']['effective']:,.0f} |
 | inference latency, batch {m['latency_s']['batch']} (masked weights, dense kernels) | {1e3 * m['latency_s']['dense']:.3f} ms | {1e3 * m['latency_s']['masked']:.3f} ms |
 
+{_compact_md(m.get('compact'))}
 Accuracy under Gaussian input noise:
 
 | noise | dense | pruned |
@@ -283,6 +344,21 @@ Accuracy under Gaussian input noise:
 ## Score histograms
 
 ![scores](scores.png)
+"""
+
+
+def _compact_md(c) -> str:
+  if not c:
+    return ""
+  return f"""Compacted model (pruned neurons/channels physically removed; widths {c['widths']}):
+
+| | dense | compacted |
+|---|---:|---:|
+| top-1 / top-5 | | {100 * c['top1']:.2f}% / {100 * c['top5']:.2f}% |
+| parameters | {c['dense_params']:,} | {c['params']:,} |
+| FLOPs (XLA cost analysis) | {c['dense_flops']:,.0f} | {c['flops']:,.0f} |
+| inference latency (median, side by side) | {1e3 * c['dense_latency_s']:.3f} ms | {1e3 * c['latency_s']:.3f} ms ({c['speedup']:.2f}x faster) |
+
 """
 
 

@@ -151,3 +151,18 @@ def test_sweep_and_sensitivity(idx_dir, tmp_path):
   assert sum(alloc[k] * n for k, n in sizes.items()) / sum(sizes.values()) >= 0.6
   assert (out / "sensitivity.png").exists()
   jprune(["run", *base, "--allocation", str(out / "allocation.json"), "--sparsity", "0.6"], tmp_path)
+
+
+def test_run_neurons_compact(idx_dir, tmp_path):
+  out = tmp_path / "c"
+  res = jprune(["run", "--data-dir", str(idx_dir), "--epochs", "2", "--finetune-epochs", "1", "--batch-size", "32",
+                "--granularity", "neurons", "--sparsity", "0.5", "--compact", "--out", str(out)], tmp_path)
+  assert "compacted: top-1" in res.stdout
+  m = json.loads((out / "metrics.json").read_text())
+  c = m["compact"]
+  assert c["widths"] == {"Dense_0/bias[0]": 150, "Dense_1/bias[0]": 50}
+  assert abs(c["top1"] - m["pruned"]["top1"]) < 1e-6  # compaction does not change the function
+  assert c["params"] < 0.5 * c["dense_params"] and c["flops"] < 0.5 * c["dense_flops"]
+  assert "Compacted model" in (out / "report.md").read_text()
+  bad = jprune(["run", "--compact", "--out", str(out)], tmp_path, check=False)
+  assert bad.returncode != 0 and "--granularity neurons" in bad.stderr
