@@ -39,7 +39,7 @@ class RunConfig:
   criterion: str = "magnitude"
   sparsity: float = 0.9
   schedule: str = "polynomial"
-  scope: str = "layer"
+  scope: str = "global"
   granularity: str = "unstructured"
   distribution: str = "uniform"
   allocation: Optional[str] = None
@@ -47,7 +47,7 @@ class RunConfig:
   finetune_epochs: int = 20
   batch_size: int = 128
   lr: float = 1e-3
-  finetune_lr: float = 5e-4
+  finetune_lr: float = 1e-3
   weight_decay: float = 1e-4
   seed: int = 0
   out: str = "runs/default"

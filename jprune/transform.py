@@ -136,7 +136,7 @@ def keep_pruned(masks: PyTree) -> optax.GradientTransformation:
   Examples:
     >>> import jax.numpy as jnp, optax, jprune as jp
     >>> params = {"kernel": jnp.array([0.0, 2.0])}
-    >>> tx = optax.chain(optax.adam(0.1), jp.keep_pruned({"kernel": jnp.array([False, True])}))
+    >>> tx = optax.chain(optax.sgd(0.1, momentum=0.9), jp.keep_pruned({"kernel": jnp.array([False, True])}))
     >>> u, _ = tx.update({"kernel": jnp.array([1.0, 1.0])}, tx.init(params), params)
     >>> optax.apply_updates(params, u)["kernel"][0].item()
     0.0
