@@ -386,10 +386,8 @@ def _prepare(scores, where, granularity, prior):
 
 
 def _count_k(s, n):
-  """round(s * n) as int32: exact in float64 for Python numbers, float32 math when traced."""
-  if _tree.is_traced(s) or isinstance(s, jax.Array):
-    if not _tree.is_traced(s):
-      return jnp.int32(int(np.round(np.float64(s) * n)))
+  """round(s * n) as int32: exact in float64 for concrete values, float32 math when traced."""
+  if _tree.is_traced(s):
     return jnp.round(jnp.asarray(s, jnp.float32) * n).astype(jnp.int32)
   return jnp.int32(int(np.round(np.float64(s) * n)))
 

@@ -236,7 +236,6 @@ class _Tracer:
       for v in ins:
         for d in range(len(_shape(v))):
           if d == dim:
-            self.block_all([], "")
             n = self.node(v, d)
             if n is not None:
               self.uf.block(n, f"concatenate at {where}")
@@ -361,11 +360,7 @@ class _Tracer:
         n = self.node(v, d)
         if n is not None:
           self.uf.block(n, f"grouped conv at {where}")
-    for k in range(2, len(ls)):
-      for v, d in ((lhs, ls[k]), (out, os_[k])):
-        n = self.node(v, d)
-        if n is not None and _shape(lhs)[ls[k]] != _shape(out)[os_[k]]:
-          pass  # spatial axes are never parameter axes of Dense/Conv kernels; leave them unlinked
+    # spatial axes are left uncoupled: they are never parameter axes of Dense/Conv kernels
 
 
 def groups(apply_fn, params: PyTree, *example_args, include_unprunable: bool = True) -> list[Group]:
@@ -511,13 +506,11 @@ def to_param_masks(groups_: Sequence[Group], gmasks: Sequence[jax.Array], params
     if p not in touched:
       leaves.append(jnp.asarray(True))
       continue
-    # shrink to a broadcastable shape when the mask varies along one axis only
-    varying = [d for d in range(m.ndim) if not bool(jnp.all(m == jnp.take(m, jnp.array([0]), axis=d)))]
+    # store a broadcastable shape when the mask varies along one axis only (e.g. (1, out) for a Dense kernel)
+    varying = [d for d in range(m.ndim) if m.shape[d] > 1 and not bool(jnp.all(m == jnp.take(m, jnp.array([0]), axis=d)))]
     if len(varying) == 1:
       d = varying[0]
-      m = jnp.take(m, jnp.array([0]), axis=[i for i in range(m.ndim) if i != d][0]) if m.ndim > 1 else m
-      m = jnp.reshape(jnp.all(flat[p], axis=tuple(i for i in range(flat[p].ndim) if i != d), keepdims=True),
-                      [flat[p].shape[i] if i == d else 1 for i in range(flat[p].ndim)])
+      m = jnp.all(m, axis=tuple(i for i in range(m.ndim) if i != d), keepdims=True)
     leaves.append(m)
   return jax.tree.unflatten(jax.tree.structure(params), leaves)
 
