@@ -6,7 +6,6 @@ import platform
 import time
 
 import jax
-import numpy as np
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
@@ -18,15 +17,9 @@ def device_info() -> dict:
 
 
 def timeit(fn, *args, repeats: int = 5, warmup: int = 1) -> float:
-  """Median seconds of `fn(*args)` (blocked on), after `warmup` calls."""
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  ts = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    ts.append(time.perf_counter() - t)
-  return float(np.median(ts))
+  """Median seconds of a jitted `fn(*args)` (blocked on), after `warmup` calls."""
+  from jprune.report import latency
+  return latency(fn, *args, repeats=repeats, warmup=warmup)
 
 
 def write(name: str, payload: dict) -> str:
