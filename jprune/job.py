@@ -159,6 +159,7 @@ def prune_and_finetune(cfg: RunConfig, ds, model, dense_state) -> dict:
   steps_per_epoch = _data.steps_per_epoch(len(ds.x_train), cfg.batch_size)
   total = max(1, cfg.finetune_epochs * steps_per_epoch)
   dist = _distribution(cfg)
+  scope = "layer" if dist is not None else cfg.scope  # a distribution sets per-layer targets
   where = _where_for(gran, params)
   scores = None
   groups = gmasks = None
@@ -183,7 +184,7 @@ def prune_and_finetune(cfg: RunConfig, ds, model, dense_state) -> dict:
     calib = list(_data.batches(ds.x_train, ds.y_train, 256, seed=cfg.seed + 1, epoch=0))[:cfg.calib_batches]
     scores = jp.scores(crit, params, loss_fn=_loss_fn(model, stats), batches=calib, progress=cfg.progress)
     target = cfg.sparsity if dist is None else dist(params, cfg.sparsity, where)
-    masks = jp.topk(scores, target, scope=cfg.scope, granularity=gran, where=where)
+    masks = jp.topk(scores, target, scope=scope, granularity=gran, where=where)
     params = jp.apply(params, masks)
     tx = optax.chain(_adam(cfg.finetune_lr, cfg.weight_decay, total), jp.keep_pruned(masks))
   else:
@@ -196,7 +197,7 @@ def prune_and_finetune(cfg: RunConfig, ds, model, dense_state) -> dict:
       schedule = jp.iterative(levels, every=max(1, end // (n_levels - 1)))
     tx = jp.pruned(_adam(cfg.finetune_lr, cfg.weight_decay, total),
                    criterion=criterion_of(cfg.criterion, for_training=True), schedule=schedule,
-                   scope=cfg.scope, granularity=gran, distribution=dist, where=where)
+                   scope=scope, granularity=gran, distribution=dist, where=where)
   state = {"params": params, "opt": tx.init(params), "pos": jnp.zeros(2, jnp.int32)}
   if stats:
     state["batch_stats"] = stats

@@ -169,7 +169,8 @@ def test_sweep_and_sensitivity(idx_dir, tmp_path):
 def test_run_neurons_compact(idx_dir, tmp_path):
   out = tmp_path / "c"
   res = jprune(["run", "--data-dir", str(idx_dir), "--epochs", "2", "--finetune-epochs", "1", "--batch-size", "32",
-                "--granularity", "neurons", "--sparsity", "0.5", "--compact", "--out", str(out)], tmp_path)
+                "--granularity", "neurons", "--sparsity", "0.5", "--scope", "layer", "--compact", "--out", str(out)],
+               tmp_path)
   assert "compacted: top-1" in res.stdout
   m = json.loads((out / "metrics.json").read_text())
   c = m["compact"]
