@@ -288,11 +288,9 @@ def export_sparse(path, params: PyTree, masks: PyTree, *, level: int = 9) -> int
   for (p_path, p), m in zip(_tree.leaves_with_paths(params), jax.tree.leaves(masks)):
     arr = np.asarray(jax.device_get(p))
     m = np.asarray(jax.device_get(m), bool)
-    if not np.issubdtype(arr.dtype, np.floating) and arr.dtype.name not in ("bfloat16",):
-      kept = arr.reshape(-1)
-    else:
-      kept = arr[np.broadcast_to(m, arr.shape)] if m.ndim else arr.reshape(-1)
-    if m.ndim and not m.all() and not (arr[~np.broadcast_to(m, arr.shape)] == 0).all():
+    full = np.broadcast_to(m, arr.shape)
+    kept = arr[full] if m.ndim else arr.reshape(-1)
+    if m.ndim and not (arr[~full] == 0).all():
       raise ValueError(f"params at {p_path!r} have non-zero pruned entries; apply the masks before exporting.")
     packed = lzma.compress(np.packbits(m.reshape(-1)).tobytes(), preset=level) if m.ndim else b""
     values = lzma.compress(_shuffle_bytes(np.ascontiguousarray(kept)), preset=level)

@@ -44,12 +44,10 @@ def make_step(model, tx, *, teacher: Optional[tuple] = None, distill_temperature
     if teacher is None:
       loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
     else:
-      t_logits, _ = apply_fn(model_teacher, teacher[0], teacher[1], x)
+      t_logits, _ = apply_fn(model, teacher[0], teacher[1], x)
       loss = distillation_loss(logits, jax.lax.stop_gradient(t_logits), y, temperature=distill_temperature,
                                alpha=distill_alpha)
     return loss, new_stats
-
-  model_teacher = model if teacher is None or len(teacher) < 3 else teacher[2]
 
   @jax.jit
   def step(state, x, y):

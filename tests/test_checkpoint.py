@@ -87,11 +87,17 @@ def _small_state():
   return {"params": params, "opt": tx.init(params)}
 
 
-def test_corruption_is_detected_and_previous_step_restores(tmp_path):
+def _saved(tmp_path, steps=(1, 2)):
+  """A small state saved at `steps`; returns (state, manager)."""
   state = _small_state()
   mngr = jp.checkpoint.Manager(tmp_path)
-  mngr.save(1, state)
-  mngr.save(2, jax.tree.map(lambda x: x, state))
+  for step in steps:
+    mngr.save(step, state)
+  return state, mngr
+
+
+def test_corruption_is_detected_and_previous_step_restores(tmp_path):
+  state, mngr = _saved(tmp_path)
   files = [p for p in (tmp_path / "2").rglob("*") if p.is_file() and p.name != jp.checkpoint.MANIFEST]
   biggest = max(files, key=lambda p: p.stat().st_size)
   data = bytearray(biggest.read_bytes())
@@ -107,10 +113,7 @@ def test_corruption_is_detected_and_previous_step_restores(tmp_path):
 
 
 def test_incomplete_step_is_skipped(tmp_path):
-  state = _small_state()
-  mngr = jp.checkpoint.Manager(tmp_path)
-  mngr.save(1, state)
-  mngr.save(2, state)
+  state, mngr = _saved(tmp_path)
   (tmp_path / "2" / jp.checkpoint.MANIFEST).unlink()  # as if killed between orbax's commit and ours
   assert mngr.all_steps() == [1] and mngr.latest_step() == 1
   with pytest.raises(jp.checkpoint.CheckpointError, match="incomplete"):
@@ -118,9 +121,7 @@ def test_incomplete_step_is_skipped(tmp_path):
 
 
 def test_mismatched_target_names_the_path(tmp_path):
-  state = _small_state()
-  mngr = jp.checkpoint.Manager(tmp_path)
-  mngr.save(1, state)
+  state, mngr = _saved(tmp_path, steps=(1,))
   wrong = dict(state, params={"w": jnp.zeros((3, 5)), "b": jnp.ones(4)})
   with pytest.raises(jp.checkpoint.CheckpointError, match=r"params/w.*\(3, 4\).*\(3, 5\)"):
     mngr.restore(1, like=wrong)
