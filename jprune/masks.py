@@ -5,9 +5,10 @@ full shape for unstructured, N:M and block sparsity; size-1 axes for neurons/cha
 pruned by output neuron has mask shape `(1, out)`); a scalar `True` for leaves that are not selected.
 
 Global selection never sorts or concatenates the model. Scores are mapped to int32 keys that are monotone in the
-float value, and the k-th smallest key is found with counting passes (elementwise ops and reductions only), each
-pass snapping the bracket to actual data values and guessing the next threshold by interpolation, with bisection
-steps to bound the worst case. Ties at the threshold are broken by leaf order, then row-major index.
+float value, and the k-th smallest key is found with counting passes (elementwise ops and reductions only): each
+pass counts four thresholds at once, placed where interpolation through the counts seen so far expects the
+k-th key, with a widening spread and key-space quarters to bound the worst case. Ties at the threshold are
+broken by leaf order, then row-major index.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ PyTree = Any
 _INT_MIN = np.iinfo(np.int32).min
 _INT_MAX = np.iinfo(np.int32).max
 _PRUNED_KEY = _INT_MIN + 1   # key of already-pruned entries: below every real score
-_UNROLLED = 7                # passes run before the while loop (a converged search is a fixed point)
+_UNROLLED = 5                # passes after the first, each skipped once the search has converged
 _SAMPLE = 1 << 15            # size of the strided sample that seeds the search
 
 
@@ -187,30 +188,36 @@ def _i32(x):
   return jax.lax.bitcast_convert_type(x, jnp.int32)
 
 
-def _chunk(d: int) -> int:
-  """Largest divisor of `d` that is <= 255 (uint8 partial counts cannot overflow)."""
-  for c in range(min(d, 255), 0, -1):
+def _chunk(d: int, limit: int = 255) -> int:
+  """Largest divisor of `d` that is <= `limit` (narrow partial counts cannot overflow)."""
+  for c in range(min(d, limit), 0, -1):
     if d % c == 0:
       return c
   return 1
 
 
-def _count_le(key: jax.Array, x) -> jax.Array:
-  """#(key <= x) for one leaf.
+def _count_le(key: jax.Array, xs: jax.Array) -> jax.Array:
+  """#(key <= x) for each threshold in `xs`, for one leaf, in one pass: int32 `(len(xs),)`.
 
-  Counts in uint8 over chunks of the last axis, then in int32: on CPU a reduction over a fused compare-and-
-  convert is several times slower than one in the compare's own narrow type. Reshaping only the last axis
-  keeps leaves' shardings intact.
+  On XLA:CPU a reduction over a fused compare-and-convert to int32 is an order of magnitude slower than a
+  pass; counting in narrow types is not. Each threshold gets a byte of a uint32 word (four per word), summed
+  over chunks of <= 32 entries of the last axis (no byte can overflow), then split and summed in int32.
+  Reshaping only the last axis keeps leaves' shardings intact.
   """
+  t = xs.shape[0]
   if key.ndim == 0:
-    return (key <= x).astype(jnp.int32)
+    return (key <= xs).astype(jnp.int32)
   d = key.shape[-1]
-  c = _chunk(d)
+  c = _chunk(d, 32)
   spec = _explicit_spec(key)
-  if c < 16 or (spec is not None and len(spec) == key.ndim and spec[-1] is not None):
-    return jnp.sum(key <= x, dtype=jnp.int32)
-  le = (key <= x).astype(jnp.uint8).reshape(*key.shape[:-1], d // c, c)
-  return jnp.sum(jnp.sum(le, axis=-1, dtype=jnp.uint8).astype(jnp.int32))
+  if c < 8 or (spec is not None and len(spec) == key.ndim and spec[-1] is not None):
+    return jnp.stack([jnp.sum(key <= xs[j], dtype=jnp.int32) for j in range(t)])
+  out = []
+  for w in range(0, t, 4):
+    lanes = sum((key <= xs[j]).astype(jnp.uint32) << (8 * (j - w)) for j in range(w, min(t, w + 4)))
+    part = jnp.sum(lanes.reshape(*key.shape[:-1], d // c, c), axis=-1, dtype=jnp.uint32)
+    out += [jnp.sum(((part >> (8 * (j - w))) & 255).astype(jnp.int32)) for j in range(w, min(t, w + 4))]
+  return jnp.stack(out)
 
 
 def _sample(keys: Sequence[jax.Array], total: int) -> jax.Array:
@@ -248,22 +255,63 @@ class _Search(NamedTuple):
   hi: jax.Array
   c_lo: jax.Array
   c_hi: jax.Array
-  w_lo: jax.Array  # Illinois weights on the bracket ends' residuals
-  w_hi: jax.Array
-  side: jax.Array  # which end moved last: -1 lo, +1 hi, 0 none
-  stall: jax.Array  # passes since the count bracket last halved
+  x_n: jax.Array    # a probe next to the bracket and its count (c_n = -1: none), for quadratic interpolation
+  c_n: jax.Array
+  stall: jax.Array  # consecutive passes that shrank the count bracket less than 4x
   it: jax.Array
 
 
+_SAMPLE_SD = (-2.5, -0.8, 0.8, 2.5)  # first pass: sample quantiles at q + a·sd(q), sd(q) the sample's
+_COUNT_SD = (-2.0, -0.5, 0.5, 2.0)   # later passes: the key expected to have count k + a·sd, sd the bracket's
+_QUARTERS = (0.25, 0.5, 0.75)        # after two stalls: key-space quarters, plus hi - 1 (resolves a tie at hi)
+
+
+def _values(key: jax.Array) -> jax.Array:
+  """Inverse of `_keys` (float32; NaN for keys outside the finite range)."""
+  return jax.lax.bitcast_convert_type(jnp.where(key >= 0, key, key ^ jnp.int32(0x7FFFFFFF)), jnp.float32)
+
+
+def _offsets(frac, width):
+  """lo-relative uint32 offsets in [1, width - 1] for fractions of a key width (width >= 2)."""
+  off = jnp.minimum(jnp.round(frac * width.astype(jnp.float32)), 4294967040.0).astype(jnp.uint32)
+  return jnp.clip(off, jnp.uint32(1), width - 1)
+
+
+def _interpolate(st: _Search, c: jax.Array) -> jax.Array:
+  """Keys expected to have counts `c` (in [c_lo, c_hi]), strictly inside the bracket.
+
+  Inverse quadratic interpolation of value(count) through the bracket ends and the neighbouring probe, in
+  value space (keys are log-like across exponents and jump at zero); linear where that fails, and linear in
+  key space for narrow or unbounded brackets.
+  """
+  width = _u32(st.hi - st.lo)
+  f = lambda x: x.astype(jnp.float32)
+  c0, c1, cn = f(st.c_lo), f(st.c_hi), f(st.c_n)
+  v0, v1, vn = _values(st.lo), _values(st.hi), _values(st.x_n)
+  lin_v = v0 + (c - c0) / (c1 - c0) * (v1 - v0)
+  quad_v = (v0 * (c - c1) * (c - cn) / ((c0 - c1) * (c0 - cn)) + v1 * (c - c0) * (c - cn) / ((c1 - c0) * (c1 - cn))
+            + vn * (c - c0) * (c - c1) / ((cn - c0) * (cn - c1)))
+  quad_ok = (st.c_n >= 0) & (st.c_n != st.c_lo) & (st.c_n != st.c_hi) & jnp.all((quad_v > v0) & (quad_v < v1))
+  v = jnp.where(quad_ok, quad_v, lin_v)
+  key_lin = st.lo + _i32(_offsets((c - c0) / (c1 - c0), width))
+  by_value = jnp.isfinite(v0) & jnp.isfinite(v1) & (width > 1024) & jnp.all(jnp.isfinite(v))
+  key_v = _keys(jnp.where(jnp.isfinite(v), v, 0.0))
+  off = jnp.clip(_u32(key_v - st.lo), jnp.uint32(1), width - 1)
+  key_v = jnp.where(_u32(key_v - st.lo) >= width, jnp.where(key_v < st.lo, st.lo + 1, st.hi - 1), st.lo + _i32(off))
+  return jnp.where(by_value, key_v, key_lin)
+
+
 def kth_key(units: Sequence[jax.Array], k, key_fn=None) -> _Search:
-  """Brackets the k-th smallest key over all leaves with counting passes only.
+  """Brackets the k-th smallest key over all leaves with counting passes only, four thresholds per pass.
 
   Invariant: c_lo = #(key <= lo) < k <= c_hi = #(key <= hi). Stops when c_hi == k (prune every key <= hi) or
-  hi == lo + 1 (hi is the k-th key; some entries equal to it are pruned, some kept). The first two guesses are
-  quantiles of a small strided sample around k/N; then the Illinois variant of regula falsi on the counts,
-  aiming between the k-th and (k+1)-th key; a bisection step whenever two passes fail to halve the count
-  bracket, so the worst case stays near 64 passes. `key_fn` maps a leaf to its keys inside each pass, so keys
-  are never stored.
+  hi == lo + 1 (hi is the k-th key; some entries equal to it are pruned, some kept). The first pass probes
+  quantiles of a small strided sample around k/N. Later passes interpolate where the count reaches k and
+  probe at ±0.5 and ±2 binomial standard deviations of the bracket's count around it, so a bracket of b
+  entries shrinks to about sqrt(b)/2: 16M entries take about four passes. After a pass that fails to shrink
+  the bracket 4x the spread grows 4x; after two, the pass probes the key-space quarters and hi - 1 (width /4
+  per pass, and a tie at hi is recognised at once), which bounds the worst case. `key_fn` maps a leaf to its
+  keys inside each pass, so keys are never stored.
   """
   key_fn = key_fn or (lambda u: u)
   total = sum(int(jax.tree.leaves(x)[0].size) for x in units)
@@ -271,48 +319,55 @@ def kth_key(units: Sequence[jax.Array], k, key_fn=None) -> _Search:
   sample = _sample([key_fn(u) for u in units], total)
   ns = sample.shape[0]
   q = k.astype(jnp.float32) / total
-  delta = 2.5 * jnp.sqrt(q * (1.0 - q) / ns) + 2.0 / ns
+  sd_q = jnp.sqrt(q * (1.0 - q) / ns)
   target = k.astype(jnp.float32) + 0.5
+  a_sample, a_count = jnp.array(_SAMPLE_SD, jnp.float32), jnp.array(_COUNT_SD, jnp.float32)
 
-  def guess(st: _Search):
-    width = _u32(st.hi - st.lo)  # > 1
-    wf = width.astype(jnp.float32)
-    mid = st.lo + _i32(width // 2)
-    f_lo = (target - st.c_lo.astype(jnp.float32)) * st.w_lo
-    f_hi = (st.c_hi.astype(jnp.float32) - target) * st.w_hi
-    step = jnp.clip(jnp.round(f_lo / (f_lo + f_hi) * wf), 1.0, wf - 1.0)
-    interp = st.lo + _i32(step.astype(jnp.uint32))
-    q = k.astype(jnp.float32) / total
-    lo_q = sample[jnp.clip(jnp.floor((q - delta) * ns).astype(jnp.int32), 0, ns - 1)]
-    hi_q = sample[jnp.clip(jnp.ceil((q + delta) * ns).astype(jnp.int32), 0, ns - 1)]
-    from_sample = jnp.where(st.it == 0, lo_q, hi_q)
-    in_bracket = (_u32(from_sample - st.lo) >= 1) & (_u32(from_sample - st.lo) < width)
-    x = jnp.where(st.stall >= 2, mid, interp)
-    return jnp.where((st.it < 2) & in_bracket, from_sample, x)
+  def probes(st: _Search) -> jax.Array:
+    width = _u32(st.hi - st.lo)  # >= 2
+    pos = jnp.clip(jnp.round((q + a_sample * sd_q) * ns + a_sample), 0, ns - 1).astype(jnp.int32)
+    first = sample[pos]
+    b = (st.c_hi - st.c_lo).astype(jnp.float32)
+    p = jnp.clip((target - st.c_lo.astype(jnp.float32)) / b, 0.0, 1.0)
+    sd = (jnp.sqrt(b * p * (1.0 - p)) + 0.5) * jnp.float32(4.0) ** st.stall.astype(jnp.float32)
+    c = jnp.clip(target + a_count * sd, st.c_lo.astype(jnp.float32), b + st.c_lo.astype(jnp.float32))
+    interp = _interpolate(st, c)
+    quarters = st.lo + _i32(_offsets(jnp.array(_QUARTERS, jnp.float32), width))
+    stalled = jnp.concatenate([quarters, (st.hi - 1)[None]])
+    small = st.lo + _i32(jnp.minimum(jnp.arange(1, 5, dtype=jnp.uint32), width - 1))
+    later = jnp.where(width <= 5, small, jnp.where(st.stall >= 2, stalled, interp))
+    return jnp.sort(jnp.where(st.it == 0, first, later))
 
   def body(st: _Search) -> _Search:
-    x = guess(st)
-    c = sum(_count_le(key_fn(u), x) for u in units)
-    up = c >= k
-    new_lo, new_hi = jnp.where(up, st.lo, x), jnp.where(up, x, st.hi)
-    new_c_lo, new_c_hi = jnp.where(up, st.c_lo, c), jnp.where(up, c, st.c_hi)
-    side = jnp.where(up, 1, -1)
-    # Illinois: if the same end moved twice, halve the other end's weight
-    w_lo = jnp.where(up, jnp.where(st.side == 1, st.w_lo * 0.5, st.w_lo), 1.0)
-    w_hi = jnp.where(up, 1.0, jnp.where(st.side == -1, st.w_hi * 0.5, st.w_hi))
-    halved = 2 * (new_c_hi - new_c_lo) <= st.c_hi - st.c_lo
-    stall = jnp.where(halved | (st.stall >= 2), 0, st.stall + 1)
-    return _Search(new_lo, new_hi, new_c_lo, new_c_hi, w_lo, w_hi, side, stall, st.it + 1)
+    xs = probes(st)
+    cs = sum(_count_le(key_fn(u), xs) for u in units)
+    xa = jnp.concatenate([st.lo[None], xs, st.hi[None]])  # sorted
+    ca = jnp.concatenate([st.c_lo[None], cs, st.c_hi[None]])
+    up = ca >= k
+    i_hi = jnp.argmax(up)  # first probe reaching k
+    i_lo = xa.shape[0] - 1 - jnp.argmax(~up[::-1])  # last probe below k
+    lo, hi, c_lo, c_hi = xa[i_lo], xa[i_hi], ca[i_lo], ca[i_hi]
+    # the neighbour on the side with the smaller count gap (bracket ends are never neighbours of themselves)
+    below, above = jnp.maximum(i_lo - 1, 0), jnp.minimum(i_hi + 1, xa.shape[0] - 1)
+    has_below, has_above = (i_lo >= 1) & (ca[below] != c_lo), (i_hi <= 4) & (ca[above] != c_hi)
+    use_below = has_below & (~has_above | (c_lo - ca[below] <= ca[above] - c_hi))
+    x_n = jnp.where(use_below, xa[below], xa[above])
+    c_n = jnp.where(use_below | has_above, jnp.where(use_below, ca[below], ca[above]), -1)
+    shrunk = (4 * (c_hi - c_lo) <= st.c_hi - st.c_lo) | (c_hi - c_lo <= 16)  # few entries left: luck, not a stall
+    stall = jnp.where(shrunk | (st.stall >= 2), 0, st.stall + 1)
+    return _Search(lo, hi, c_lo, c_hi, x_n, c_n, stall, st.it + 1)
 
   def cond(st: _Search):
     return (_u32(st.hi - st.lo) > 1) & (st.c_hi != k) & (k > 0)
 
-  one = jnp.float32(1.0)
-  init = _Search(jnp.int32(_INT_MIN), jnp.int32(_INT_MAX), jnp.int32(0), jnp.int32(total), one, one,
-                 jnp.int32(0), jnp.int32(0), jnp.int32(0))
-  st = init
-  for _ in range(_UNROLLED):  # straight-line passes: a converged search is a fixed point of `body`
-    st = body(st)
+  def maybe(st: _Search) -> _Search:
+    return jax.lax.cond(cond(st), body, lambda s: s, st)
+
+  init = _Search(jnp.int32(_INT_MIN), jnp.int32(_INT_MAX), jnp.int32(0), jnp.int32(total), jnp.int32(0),
+                 jnp.int32(-1), jnp.int32(0), jnp.int32(0))
+  st = body(init)
+  for _ in range(_UNROLLED):  # passes that skip themselves once the search has converged
+    st = maybe(st)
   # the loop (rarely entered) sits behind a cond: a while loop in the graph can cost a copy of its operands
   return jax.lax.cond(cond(st), lambda s: jax.lax.while_loop(cond, body, s), lambda s: s, st)
 

@@ -142,3 +142,32 @@ def test_schedules():
   one = jp.one_shot(at=5, sparsity=0.8)
   assert float(one.sparsity(4)) == 0.0 and float(one.sparsity(5)) == pytest.approx(0.8)
   assert [t for t in range(10) if one.is_update(t)] == [5]
+
+
+@pytest.mark.parametrize("kind", ["abs_normal", "signed_normal", "lognormal", "ints", "half_zeros"])
+def test_global_search_brackets_exactly_in_few_passes(kind):
+  """The counting search's bracket is exact and short: a handful of passes on smooth data, bounded on ties."""
+  from jprune import masks as M
+  rng = np.random.default_rng(3)
+  x = {"abs_normal": np.abs(rng.standard_normal((1024, 1024))),
+       "signed_normal": rng.standard_normal((1024, 1024)),
+       "lognormal": np.exp(4 * rng.standard_normal((1024, 1024))),
+       "ints": rng.integers(0, 7, (1024, 1024)),
+       "half_zeros": np.where(rng.random((1024, 1024)) < 0.5, 0.0, rng.standard_normal((1024, 1024)))}[kind]
+  x = jnp.asarray(x, jnp.float32)
+  sorted_keys = np.sort(np.asarray(M._keys(x)).ravel())
+  search = jax.jit(lambda u, k: M.kth_key([u], k, M._keys))
+  passes = []
+  for s in (0.1, 0.5, 0.9, 0.98):
+    k = int(round(s * x.size))
+    st = search(x, jnp.int32(k))
+    c_lo = np.searchsorted(sorted_keys, int(st.lo), "right")
+    c_hi = np.searchsorted(sorted_keys, int(st.hi), "right")
+    assert (int(st.c_lo), int(st.c_hi)) == (c_lo, c_hi)
+    assert c_lo < k <= c_hi
+    assert c_hi == k or int(st.hi) - int(st.lo) == 1  # exact, or hi is the k-th key itself (a tie)
+    passes.append(int(st.it))
+  smooth = kind not in ("ints", "half_zeros")
+  assert max(passes) <= (9 if smooth else 12), passes
+  if smooth:
+    assert np.mean(passes) <= 6, passes
