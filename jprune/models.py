@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Sequence
 
 import flax.linen as nn
@@ -148,3 +149,163 @@ def resize(model: nn.Module, params) -> nn.Module:
     return model.clone(num_heads=width("query/kernel", 1), head_dim=width("query/kernel", 2),
                        v_head_dim=width("value/kernel", 2), mlp=width("mlp_in/kernel"))
   raise ValueError(f"resize does not know {type(model).__name__}; rebuild it from the compacted shapes.")
+
+
+# ----------------------------------------------------------------------------------------------- Llama
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Shapes of a Llama-architecture decoder (GQA, RoPE, RMSNorm, SwiGLU; tied or untied embeddings)."""
+  vocab_size: int = 49152
+  dim: int = 576
+  n_layers: int = 30
+  n_heads: int = 9
+  n_kv_heads: int = 3
+  hidden_dim: int = 1536
+  head_dim: Optional[int] = None     # default: dim // n_heads
+  rope_theta: float = 100000.0
+  norm_eps: float = 1e-5
+  tie_embeddings: bool = True
+  max_seq_len: int = 8192
+
+  def __post_init__(self):
+    if self.n_heads % self.n_kv_heads:
+      raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}.")
+    if self.head_dim is None and self.dim % self.n_heads:
+      raise ValueError(f"dim={self.dim} is not a multiple of n_heads={self.n_heads}; give head_dim.")
+
+  @property
+  def d_head(self) -> int:
+    return self.head_dim or self.dim // self.n_heads
+
+  @classmethod
+  def smollm2_135m(cls) -> "LlamaConfig":
+    """SmolLM2-135M: 30 blocks, d=576, 9 query / 3 KV heads, SwiGLU 1536, RoPE base 1e5, tied embeddings."""
+    return cls()
+
+  @classmethod
+  def llama_1b(cls) -> "LlamaConfig":
+    """Llama-3.2-1B shapes: 16 blocks, d=2048, 32 / 8 heads, SwiGLU 8192, vocab 128256 (1.24B params)."""
+    return cls(vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, hidden_dim=8192,
+               rope_theta=500000.0)
+
+  @classmethod
+  def tiny(cls, **kw) -> "LlamaConfig":
+    """A few-thousand-parameter config for tests."""
+    base = dict(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, rope_theta=10000.0,
+                max_seq_len=128)
+    return cls(**{**base, **kw})
+
+
+class RMSNorm(nn.Module):
+  eps: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * scale.reshape((1,) * (y.ndim - 1) + (-1,))).astype(x.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding of (batch, seq, heads, head_dim), in the rotate-half layout of HF's Llama."""
+  d = x.shape[-1]
+  inv = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+  ang = positions.astype(jnp.float32)[:, None] * inv[None, :]         # (seq, d/2)
+  cos = jnp.concatenate([jnp.cos(ang)] * 2, -1)[None, :, None, :]
+  sin = jnp.concatenate([jnp.sin(ang)] * 2, -1)[None, :, None, :]
+  x1, x2 = x[..., : d // 2], x[..., d // 2:]
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
+
+
+class LlamaAttention(nn.Module):
+  """Grouped-query causal self-attention with RoPE. `mix` returns the heads' output before `o_proj`."""
+  config: LlamaConfig
+
+  def setup(self):
+    c = self.config
+    dh = c.d_head
+    self.q_proj = nn.Dense(c.n_heads * dh, use_bias=False)
+    self.k_proj = nn.Dense(c.n_kv_heads * dh, use_bias=False)
+    self.v_proj = nn.Dense(c.n_kv_heads * dh, use_bias=False)
+    self.o_proj = nn.Dense(c.dim, use_bias=False)
+
+  def mix(self, x, positions):
+    c = self.config
+    b, t, _ = x.shape
+    dh, kv, g = c.d_head, c.n_kv_heads, c.n_heads // c.n_kv_heads
+    q = self.q_proj(x).reshape(b, t, c.n_heads, dh)
+    k = self.k_proj(x).reshape(b, t, kv, dh)
+    v = self.v_proj(x).reshape(b, t, kv, dh)
+    q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
+    q = q.reshape(b, t, kv, g, dh)
+    s = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) / jnp.sqrt(jnp.float32(dh))
+    causal = positions[:, None] >= positions[None, :]
+    s = jnp.where(causal[None, None, None], s, jnp.float32(-1e30))
+    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", p, v).reshape(b, t, c.n_heads * dh)
+
+  def __call__(self, x, positions):
+    return self.o_proj(self.mix(x, positions))
+
+
+class LlamaMLP(nn.Module):
+  """SwiGLU MLP. `hidden` returns silu(gate(x))·up(x), the input of `down_proj`."""
+  config: LlamaConfig
+
+  def setup(self):
+    c = self.config
+    self.gate_proj = nn.Dense(c.hidden_dim, use_bias=False)
+    self.up_proj = nn.Dense(c.hidden_dim, use_bias=False)
+    self.down_proj = nn.Dense(c.dim, use_bias=False)
+
+  def hidden(self, x):
+    return nn.silu(self.gate_proj(x)) * self.up_proj(x)
+
+  def __call__(self, x):
+    return self.down_proj(self.hidden(x))
+
+
+class LlamaBlock(nn.Module):
+  """One pre-norm decoder block: x + attn(norm(x)), then h + mlp(norm(h))."""
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x, positions):
+    c = self.config
+    h = x + LlamaAttention(c, name="attn")(RMSNorm(c.norm_eps, name="attn_norm")(x), positions)
+    return h + LlamaMLP(c, name="mlp")(RMSNorm(c.norm_eps, name="mlp_norm")(h))
+
+
+class Llama(nn.Module):
+  """A Llama-architecture decoder: tokens (batch, seq) int32 -> logits (batch, seq, vocab).
+
+  Params: `embed/embedding`, `layers_{i}/{attn,mlp}/*_proj/kernel` (in, out), `layers_{i}/*_norm/scale`,
+  `norm/scale`, and `lm_head/kernel` when embeddings are untied. `remat=True` recomputes each block in the
+  backward pass (memory of one block's activations for gradients).
+  """
+  config: LlamaConfig = LlamaConfig()
+  remat: bool = False
+
+  def setup(self):
+    c = self.config
+    self.embed = nn.Embed(c.vocab_size, c.dim, embedding_init=nn.initializers.normal(0.02))
+    block = nn.remat(LlamaBlock) if self.remat else LlamaBlock
+    self.layers = [block(c, name=f"layers_{i}") for i in range(c.n_layers)]
+    self.norm = RMSNorm(c.norm_eps)
+    if not c.tie_embeddings:
+      self.lm_head = nn.Dense(c.vocab_size, use_bias=False)
+
+  def __call__(self, tokens, train: bool = False):
+    positions = jnp.arange(tokens.shape[1])
+    x = self.embed(tokens)
+    for layer in self.layers:
+      x = layer(x, positions)
+    return self.head(x)
+
+  def head(self, x):
+    x = self.norm(x)
+    if self.config.tie_embeddings:
+      return self.embed.attend(x)
+    return self.lm_head(x)

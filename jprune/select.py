@@ -49,6 +49,7 @@ def resolve(where: Where, params) -> Any:
   """
   items = _tree.leaves_with_paths(params)
   treedef = jax.tree.structure(params)
+  given = where
   if where is None:
     where = kernels
   if isinstance(where, str):
@@ -62,6 +63,6 @@ def resolve(where: Where, params) -> Any:
       if f and not _tree.is_float(leaf):
         raise TypeError(f"selection includes {path!r} with dtype {leaf.dtype}; only float leaves can be pruned.")
   if not any(flags):
-    raise ValueError(f"selection {where!r} matched no float leaf; paths are: "
+    raise ValueError(f"selection {given!r} matched no float leaf; paths are: "
                      f"{[p for p, _ in items][:12]}{' ...' if len(items) > 12 else ''}")
   return jax.tree.unflatten(treedef, flags)

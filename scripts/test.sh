@@ -2,6 +2,6 @@
 # Sets everything up, then runs the test suite (doctests included).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh --llm
 export JPRUNE_NO_PROGRESS=1
 exec .venv/bin/python -m pytest --doctest-modules jprune tests "$@"

@@ -1,0 +1,354 @@
+"""LLM pruning: block-by-block methods on a tiny random Llama, SparseGPT's reconstruction, the GGUF loader
+against a numpy reference forward (tiny written file and the real SmolLM2-135M), the tokenizer, sharding."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jprune as jp
+from jprune import _tree, llm
+from jprune.models import Llama, LlamaConfig
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  cfg = LlamaConfig.tiny(dim=32, hidden_dim=64, n_heads=4, n_kv_heads=2, vocab_size=64)
+  model = Llama(cfg)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+  calib = np.random.default_rng(0).integers(0, cfg.vocab_size, (8, 16)).astype(np.int32)
+  return model, params, calib
+
+
+def _kernels(tree):
+  return {p: x for p, x in _tree.leaves_with_paths(tree) if "layers_" in p and p.endswith("kernel")}
+
+
+@pytest.mark.parametrize("method", llm.METHODS)
+def test_block_by_block_exact_sparsity_and_zeros(tiny, method):
+  model, params, calib = tiny
+  res = llm.prune(model, params, calib, method=method, sparsity=0.5, progress=False)
+  kern = _kernels(res.params)
+  masks = _kernels(res.masks)
+  assert len(kern) == 2 * 7
+  for p, w in kern.items():
+    m = np.asarray(masks[p])
+    assert m.shape == w.shape and m.dtype == bool
+    assert np.all(np.asarray(w)[~m] == 0.0), p  # pruned entries are exactly zero
+    if method == "wanda":  # per output neuron: each column keeps exactly in - round(s·in)
+      assert np.all(m.sum(axis=0) == w.shape[0] - round(0.5 * w.shape[0])), p
+    elif method in ("magnitude", "gradient", "taylor"):
+      assert m.sum() == w.size - round(0.5 * w.size), p
+    else:  # SparseGPT: exactly round(s·rows·block) per column block, so exactly half here
+      assert m.sum() == w.size // 2, p
+  # the rest of the tree is untouched, and the core understands the result
+  np.testing.assert_array_equal(res.params["embed"]["embedding"], params["embed"]["embedding"])
+  assert float(jp.sparsity(res.masks, res.params)) == pytest.approx(0.5)
+  assert "layers_0/attn/q_proj/kernel" in str(jp.summary(res.params, res.masks))
+  assert len(res.block_seconds) == model.config.n_layers
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "gradient"])
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8)])
+def test_nm_exact_along_input_axis(tiny, method, n, m):
+  model, params, calib = tiny
+  res = llm.prune(model, params, calib, method=method, granularity=f"{n}:{m}", progress=False)
+  for p, mask in _kernels(res.masks).items():
+    mask = np.asarray(mask)
+    groups = mask.reshape(mask.shape[0] // m, m, mask.shape[1]).sum(axis=1)
+    assert np.all(groups == n), p
+
+
+def test_sparsegpt_reconstructs_better_than_magnitude_and_wanda():
+  rng = np.random.default_rng(0)
+  d_in, d_out, tokens = 64, 48, 512
+  mix = rng.standard_normal((d_in, d_in)) * rng.uniform(0.1, 3.0, d_in)  # correlated, unevenly scaled inputs
+  x = (rng.standard_normal((tokens, d_in)) @ mix).astype(np.float32)
+  w = rng.standard_normal((d_in, d_out)).astype(np.float32)   # Flax kernel (in, out)
+  h = jnp.asarray(x.T @ x)
+  err = lambda k: float(np.linalg.norm(x @ w - x @ np.asarray(k)))
+  for gran, (n, m) in (("unstructured", (0, 0)), ("2:4", (2, 4))):
+    g = jp.masks.parse_granularity(gran)
+    w_sgpt, keep = llm.sparsegpt(jnp.asarray(w), h, 0.5, n, m, 16)
+    assert np.all(np.asarray(w_sgpt)[~np.asarray(keep)] == 0.0)
+    assert np.asarray(keep).mean() == pytest.approx(0.5)
+    mag = llm._choose(jnp.abs(jnp.asarray(w)), sparsity=0.5, g=g, compare="layer")
+    wanda_score = jnp.abs(jnp.asarray(w)) * jnp.sqrt(jnp.sum(jnp.asarray(x) ** 2, axis=0))[:, None]
+    wanda = llm._choose(wanda_score, sparsity=0.5, g=g, compare="output")
+    e_sgpt, e_mag, e_wanda = err(w_sgpt), err(np.where(mag, w, 0)), err(np.where(wanda, w, 0))
+    assert e_sgpt < e_wanda < e_mag, (gran, e_sgpt, e_wanda, e_mag)
+
+
+def test_perplexity_and_generate_match_direct_computation(tiny):
+  model, params, calib = tiny
+  logits = model.apply({"params": params}, jnp.asarray(calib))
+  logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+  nll = -np.mean(np.take_along_axis(np.asarray(logp), calib[:, 1:, None], axis=-1))
+  assert llm.perplexity(model, params, calib.reshape(-1), seq_len=16) == pytest.approx(np.exp(nll), rel=1e-5)
+  prompt = [3, 1, 4]
+  out = llm.generate(model, params, prompt, 4)
+  seq = list(prompt)
+  for _ in range(4):
+    seq.append(int(jnp.argmax(model.apply({"params": params}, jnp.asarray([seq]))[0, -1])))
+  assert out == seq[len(prompt):]
+
+
+def test_pruned_llm_fine_tunes_with_keep_pruned(tiny):
+  model, params, calib = tiny
+  res = llm.prune(model, params, calib, method="wanda", granularity="2:4", progress=False)
+  tx = optax.chain(optax.adam(1e-3), jp.keep_pruned(res.masks))
+  state = tx.init(res.params)
+
+  def loss(p):
+    return llm._nll(model.apply({"params": p}, jnp.asarray(calib)), jnp.asarray(calib))
+
+  p = res.params
+  with jax.numpy_dtype_promotion("standard"):  # optax's adam mixes python floats and int32 counts
+    for _ in range(3):
+      u, state = tx.update(jax.grad(loss)(p), state, p)
+      p = optax.apply_updates(p, u)
+  for path, w in _kernels(p).items():
+    assert np.all(np.asarray(w)[~np.asarray(_kernels(res.masks)[path])] == 0.0)
+
+
+def test_bad_input_errors(tiny):
+  model, params, calib = tiny
+  with pytest.raises(ValueError, match="method"):
+    llm.prune(model, params, calib, method="obs", progress=False)
+  with pytest.raises(ValueError, match="sparsity"):
+    llm.prune(model, params, calib, sparsity=1.0, progress=False)
+  with pytest.raises(ValueError, match="layers_0/attn/.*m=3 does not divide"):
+    llm.prune(model, params, calib, granularity=jp.nm(1, 3), progress=False)
+  with pytest.raises(ValueError, match="calibration_tokens"):
+    llm.prune(model, params, calib.astype(np.float32), progress=False)
+  with pytest.raises(ValueError, match="nothing_here.*matched no float leaf"):
+    llm.prune(model, params, calib, where=r"nothing_here", progress=False)
+  with pytest.raises(TypeError, match="Llama"):
+    llm.prune(object(), params, calib, progress=False)
+
+
+# ----------------------------------------------------------------------------------------------- GGUF
+def _bytes_to_unicode():
+  bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+  cs = bs[:]
+  n = 0
+  for b in range(256):
+    if b not in bs:
+      bs.append(b)
+      cs.append(256 + n)
+      n += 1
+  return dict(zip(bs, map(chr, cs)))
+
+
+def _ref_bpe(word: str, ranks: dict, vocab: dict) -> list[int]:
+  """Textbook byte-level BPE of one pre-token: merge the lowest-ranked adjacent pair until none applies."""
+  b2u = _bytes_to_unicode()
+  parts = [b2u[b] for b in word.encode("utf-8")]
+  while len(parts) > 1:
+    pairs = [(ranks.get((a, b), 1 << 30), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+    r, i = min(pairs)
+    if r == 1 << 30:
+      break
+    parts = parts[:i] + [parts[i] + parts[i + 1]] + parts[i + 2:]
+  return [vocab[p] for p in parts]
+
+
+def _np_forward(t: dict, meta: dict, tokens) -> np.ndarray:
+  """Reference Llama forward in numpy on GGUF tensors as stored: (out, in) rows, llama.cpp's q/k layout with
+  RoPE on adjacent pairs (GGML's normal mode)."""
+  g = lambda k: meta[f"llama.{k}"]
+  n_h, n_kv, eps, theta = int(g("attention.head_count")), int(g("attention.head_count_kv")), \
+      float(g("attention.layer_norm_rms_epsilon")), float(g("rope.freq_base"))
+  emb = t["token_embd.weight"].astype(np.float64)
+  x = emb[np.asarray(tokens)]
+  T = x.shape[0]
+  norm = lambda v, w: v / np.sqrt(np.mean(v * v, -1, keepdims=True) + eps) * w
+
+  def rope(v):  # (T, H, D): rotate pairs (2j, 2j+1)
+    D = v.shape[-1]
+    ang = np.arange(T)[:, None] * theta ** (-np.arange(0, D, 2) / D)[None, :]
+    c, s = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+    a, b = v[..., 0::2], v[..., 1::2]
+    out = np.empty_like(v)
+    out[..., 0::2], out[..., 1::2] = a * c - b * s, a * s + b * c
+    return out
+
+  for i in range(int(g("block_count"))):
+    w = lambda n: t[f"blk.{i}.{n}.weight"].astype(np.float64)
+    h = norm(x, w("attn_norm"))
+    D = w("attn_q").shape[0] // n_h
+    q = rope((h @ w("attn_q").T).reshape(T, n_h, D))
+    k = rope((h @ w("attn_k").T).reshape(T, n_kv, D))
+    v = (h @ w("attn_v").T).reshape(T, n_kv, D)
+    o = np.zeros((T, n_h, D))
+    for hd in range(n_h):
+      kv = hd // (n_h // n_kv)
+      s = q[:, hd] @ k[:, kv].T / np.sqrt(D) + np.triu(np.full((T, T), -np.inf), 1)
+      p = np.exp(s - s.max(-1, keepdims=True))
+      o[:, hd] = (p / p.sum(-1, keepdims=True)) @ v[:, kv]
+    x = x + o.reshape(T, -1) @ w("attn_output").T
+    h = norm(x, w("ffn_norm"))
+    gate = h @ w("ffn_gate").T
+    x = x + (gate / (1 + np.exp(-gate)) * (h @ w("ffn_up").T)) @ w("ffn_down").T
+  x = norm(x, t["output_norm.weight"])
+  return x @ (t["output.weight"] if "output.weight" in t else emb).T
+
+
+def _write_tiny_gguf(path, rng, tied=True):
+  import gguf
+  n_h, n_kv, dim, hid, layers = 4, 2, 32, 48, 2
+  b2u = _bytes_to_unicode()
+  tokens = [b2u[b] for b in range(256)]
+  merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("a", "n"), ("Ġ", "a")]
+  tokens += [a + b for a, b in merges] + ["<|endoftext|>"]
+  w = gguf.GGUFWriter(path, "llama")
+  w.add_block_count(layers)
+  w.add_context_length(128)
+  w.add_embedding_length(dim)
+  w.add_feed_forward_length(hid)
+  w.add_head_count(n_h)
+  w.add_head_count_kv(n_kv)
+  w.add_rope_freq_base(10000.0)
+  w.add_layer_norm_rms_eps(1e-5)
+  w.add_tokenizer_model("gpt2")
+  w.add_tokenizer_pre("smollm")
+  w.add_token_list(tokens)
+  w.add_token_merges([f"{a} {b}" for a, b in merges])
+  w.add_token_types([1] * (len(tokens) - 1) + [3])
+  w.add_eos_token_id(len(tokens) - 1)
+  f = lambda *s: (rng.standard_normal(s) * 0.3).astype(np.float32)
+  w.add_tensor("token_embd.weight", f(len(tokens), dim))
+  w.add_tensor("output_norm.weight", 1 + f(dim))
+  if not tied:
+    w.add_tensor("output.weight", f(len(tokens), dim))
+  D = dim // n_h
+  for i in range(layers):
+    w.add_tensor(f"blk.{i}.attn_norm.weight", 1 + f(dim))
+    w.add_tensor(f"blk.{i}.ffn_norm.weight", 1 + f(dim))
+    w.add_tensor(f"blk.{i}.attn_q.weight", f(n_h * D, dim))
+    w.add_tensor(f"blk.{i}.attn_k.weight", f(n_kv * D, dim))
+    w.add_tensor(f"blk.{i}.attn_v.weight", f(n_kv * D, dim))
+    w.add_tensor(f"blk.{i}.attn_output.weight", f(dim, n_h * D))
+    w.add_tensor(f"blk.{i}.ffn_gate.weight", f(hid, dim))
+    w.add_tensor(f"blk.{i}.ffn_up.weight", f(hid, dim))
+    w.add_tensor(f"blk.{i}.ffn_down.weight", f(dim, hid))
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_tiny_gguf_loads_and_matches_numpy_reference(tmp_path, tied):
+  path = str(tmp_path / "tiny.gguf")
+  _write_tiny_gguf(path, np.random.default_rng(1), tied)
+  cfg, params, tok = llm.load_gguf(path)
+  assert (cfg.n_layers, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.tie_embeddings) == (2, 32, 4, 2, tied)
+  meta, t = llm.read_gguf(path)
+  tokens = [5, 77, 256, 3, 200, 9, 31]
+  ref = _np_forward(t, meta, tokens)
+  out = np.asarray(Llama(cfg).apply({"params": params}, jnp.asarray([tokens])))[0]
+  np.testing.assert_allclose(out, ref, atol=1e-4, rtol=1e-4)
+  assert tok.encode(" the") == [256 + 2]  # "Ġ"+"t" -> "Ġt"; "h"+"e" -> "he"; "Ġt"+"he" -> "Ġthe"
+  assert tok.decode(tok.encode("in an answer, the end")) == "in an answer, the end"
+
+
+@pytest.fixture(scope="module")
+def smollm():
+  return llm.load_gguf()
+
+
+def test_smollm2_forward_matches_numpy_reference(smollm):
+  cfg, params, tok = smollm
+  assert (cfg.n_layers, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.hidden_dim) == (30, 576, 9, 3, 1536)
+  assert sum(x.size for x in jax.tree.leaves(params)) == 134_515_008
+  meta, t = llm.read_gguf(llm.smollm2_path())
+  tokens = tok.encode("The capital of France is")
+  ref = _np_forward(t, meta, tokens)
+  out = np.asarray(Llama(cfg).apply({"params": params}, jnp.asarray([tokens])))[0]
+  np.testing.assert_allclose(out, ref, atol=1e-4 * np.abs(ref).max(), rtol=1e-4)
+  assert tok.decode(llm.generate(Llama(cfg), params, tokens, 3)).startswith(" Paris")
+
+
+def test_smollm2_tokenizer_matches_reference_bpe_and_round_trips(smollm):
+  _, _, tok = smollm
+  import gguf
+  reader = gguf.GGUFReader(llm.smollm2_path())
+  tokens = list(reader.fields["tokenizer.ggml.tokens"].contents())
+  merges = [tuple(m.split(" ", 1)) for m in reader.fields["tokenizer.ggml.merges"].contents()]
+  vocab = {s: i for i, s in enumerate(tokens)}
+  ranks = {m: r for r, m in enumerate(merges)}
+  text = ("The hacker's dictionary: kludge, foo and bar; grok it, don't just read it. "
+          "Wizards frobnicate obscure hackish cruft.")
+  import re
+  words = re.findall(r"'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+", text)
+  ref = [i for w in words for i in _ref_bpe(w, ranks, vocab)]
+  assert tok.encode(text) == ref
+  assert [tok.token(i) for i in tok.encode("The capital of France is")] == ["The", "Ġcapital", "Ġof", "ĠFrance",
+                                                                          "Ġis"]
+  assert [tok.token(i) for i in tok.encode("in 2024")] == ["in", "Ġ", "2", "0", "2", "4"]  # digits split
+  for s in ("naïve café — ünïcödé ✓ 日本語", "tabs\tand\nnewlines  double  spaces", "<|im_start|>user"):
+    assert tok.decode(tok.encode(s)) == s
+  assert tok.encode("<|im_start|>") == [vocab["<|im_start|>"]]
+
+
+# ----------------------------------------------------------------------------------------------- sharding
+SHARDED = textwrap.dedent("""
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from jprune import llm
+from jprune.models import Llama, LlamaConfig
+assert jax.device_count() == 8
+cfg = LlamaConfig.tiny(dim=64, hidden_dim=128, n_heads=8, n_kv_heads=4, vocab_size=64)
+model = Llama(cfg)
+params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+calib = np.random.default_rng(0).integers(0, 64, (8, 16)).astype(np.int32)
+mesh = jax.make_mesh((8,), ("model",), axis_types=(jax.sharding.AxisType.Auto,))
+spec = lambda p, x: P(None, "model") if x.ndim == 2 and "layers_" in jax.tree_util.keystr(p) else P()
+sharded = jax.tree_util.tree_map_with_path(lambda p, x: jax.device_put(x, NamedSharding(mesh, spec(p, x))), params)
+for method, gran in (("magnitude", None), ("wanda", None), ("wanda", "2:4"), ("sparsegpt", "2:4")):
+  a = llm.prune(model, params, calib, method=method, granularity=gran, progress=False)
+  b = llm.prune(model, sharded, calib, method=method, granularity=gran, progress=False)
+  for x, y in zip(jax.tree.leaves(a.masks), jax.tree.leaves(b.masks)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  q = b.params["layers_1"]["mlp"]["up_proj"]["kernel"]
+  assert len(q.sharding.device_set) == 8, (method, q.sharding)
+print("LLM-SHARDING-OK")
+""")
+
+
+def test_sharded_llm_masks_match_single_device():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-c", SHARDED], capture_output=True, text=True, env=env, timeout=600)
+  assert out.returncode == 0, out.stderr[-4000:]
+  assert "LLM-SHARDING-OK" in out.stdout
+
+
+def test_cli_llm_writes_report(tmp_path, capsys):
+  from jprune import cli
+  path = str(tmp_path / "tiny.gguf")
+  _write_tiny_gguf(path, np.random.default_rng(2))
+  text = tmp_path / "text.txt"
+  text.write_text("in the answer, an antenna and the thin tin man " * 40)
+  out = tmp_path / "run"
+  rc = cli.main(["llm", "--gguf", path, "--text", str(text), "--method", "sparsegpt", "--granularity", "2:4",
+                 "--calib", "4", "--calib-len", "16", "--eval-windows", "2", "--eval-len", "32", "--out", str(out),
+                 "--prompt", "the", "--no-progress"])
+  assert rc == 0
+  import json
+  m = json.loads((out / "metrics.json").read_text())
+  assert m["granularity"] == "2:4" and m["pruned_fraction_of_block_kernels"] == pytest.approx(0.5)
+  assert m["perplexity"] > 1 and m["dense_perplexity"] > 1 and len(m["block_seconds"]) == 2
+  for f in ("report.md", "block_seconds.png", "block_sparsity.png"):
+    assert (out / f).stat().st_size > 0
+  assert "perplexity dense" in capsys.readouterr().out
+  assert cli.main(["llm", "--gguf", path, "--sparsity", "1.5", "--out", str(out)]) == 1
+  assert "sparsity" in capsys.readouterr().err
