@@ -1,6 +1,9 @@
 """jprune: neural-network pruning as pure functions over JAX/Flax parameter pytrees."""
 
+from jprune import activations as activations
 from jprune import checkpoint as checkpoint
+from jprune.activations import activation as activation
+from jprune.activations import wanda as wanda
 from jprune import select as select
 from jprune.criteria import Criterion as Criterion
 from jprune.criteria import fisher as fisher
@@ -54,4 +57,4 @@ __all__ = [
 from jprune.checkpoint import export_sparse as export_sparse  # noqa: E402
 from jprune.checkpoint import load_sparse as load_sparse  # noqa: E402
 
-__all__ += ["checkpoint", "export_sparse", "load_sparse"]
+__all__ += ["activation", "activations", "checkpoint", "export_sparse", "load_sparse", "wanda"]
