@@ -67,9 +67,28 @@ def _mask_grads(grads, masks):
                       grads, masks)
 
 
+_DST = ("rigl", "set")
+
+
+def _drop_grow(w, grad, mask, n_keep, frac, key, kind):
+  """One dynamic-sparse-training update of a leaf's mask at constant density (Evci et al. 2020; Mocanu et al.
+  2018): drop the `round(frac · n_keep)` active weights of lowest |w|, then grow as many inactive entries with
+  the highest |g| (RigL) or at random (SET). Exactly `n_keep` stay active."""
+  n = w.size
+  n_drop = jnp.round(frac * jnp.asarray(n_keep, jnp.float32)).astype(jnp.int32)
+  wabs = jnp.abs(w.astype(jnp.float32))
+  # drop: prune every inactive entry plus the n_drop weakest active ones
+  after_drop, = _masks.prune_lowest([(wabs, mask)], (n - n_keep) + n_drop, _masks._unit_key)
+  grow = jnp.abs(grad.astype(jnp.float32)) if kind == "rigl" else jax.random.uniform(key, w.shape)
+  big = jnp.float32(jnp.finfo(jnp.float32).max)
+  keep, = _masks.prune_lowest([(jnp.where(after_drop, big, grow), None)], n - n_keep, _masks._unit_key)
+  return keep
+
+
 def pruned(tx: optax.GradientTransformation, *, criterion: Optional[_criteria.Criterion] = None,
            schedule: _schedules.Schedule, where=None, scope: str = "layer", granularity=None,
-           distribution=None, regrow: bool = False) -> optax.GradientTransformationExtraArgs:
+           distribution=None, regrow=False, drop_fraction: float = 0.3,
+           regrow_until: Optional[int] = None, seed: int = 0) -> optax.GradientTransformationExtraArgs:
   """Wraps an optax optimizer so that it prunes by `schedule` while training.
 
   Args:
@@ -82,7 +101,15 @@ def pruned(tx: optax.GradientTransformation, *, criterion: Optional[_criteria.Cr
     granularity: `unstructured()`, `nm(2, 4)`, `neurons()`, `channels()`, `blocks(bh, bw)` or a string.
     distribution: per-leaf targets from the schedule's value (`uniform()`, `erk()`, `by_path(...)`); layer
       scope only. Default uniform.
-    regrow: if False (default) an entry once pruned is never revived; True lets masks change freely.
+    regrow: False (default): an entry once pruned is never revived. True: masks are re-selected freely from
+      the scores. "rigl" / "set": dynamic sparse training at the schedule's sparsity (use `constant(s, every)`):
+      the first update prunes to the target by the criterion; each later one drops the
+      `round(f·active)` weights of lowest |w| and grows as many pruned entries with the highest |∂L/∂w|
+      (RigL, Evci et al. 2020) or at random (SET, Mocanu et al. 2018), so every leaf stays at exactly its
+      target. Grown weights start at 0. Layer scope, unstructured granularity.
+    drop_fraction: f at the start of dynamic sparse training (RigL's α).
+    regrow_until: if given, f decays as α/2·(1 + cos(π·t/T)) and reaches 0 at step T (RigL's T_end).
+    seed: SET's random regrowth.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is a `PruneState`; `update` requires `params`.
@@ -102,6 +129,15 @@ def pruned(tx: optax.GradientTransformation, *, criterion: Optional[_criteria.Cr
     raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}.")
   if distribution is not None and scope == "global":
     raise ValueError("a distribution sets per-layer targets; it needs scope='layer'.")
+  dst = regrow if isinstance(regrow, str) else None
+  if dst is not None:
+    if dst not in _DST:
+      raise ValueError(f"regrow must be False, True, 'rigl' or 'set'; got {regrow!r}.")
+    if scope != "layer" or g.kind != "unstructured":
+      raise ValueError(f"regrow={dst!r} needs scope='layer' and unstructured granularity "
+                       f"(got scope={scope!r}, {g.kind}).")
+    if not 0.0 <= drop_fraction <= 1.0:
+      raise ValueError(f"drop_fraction must be in [0, 1], got {drop_fraction}.")
   tx = optax.with_extra_args_support(tx)
 
   def init_fn(params):
@@ -115,14 +151,41 @@ def pruned(tx: optax.GradientTransformation, *, criterion: Optional[_criteria.Cr
     return _masks.topk(scores, target, where=where, scope=scope, granularity=g,
                        masks=None if regrow else masks)
 
+  def dst_masks(params, grads, crit, masks, step):
+    """First update: prune to target by the criterion; later: drop by |w|, grow by |g| or at random."""
+    s = schedule.sparsity(step)
+    target = s if distribution is None else distribution(params, s, where)
+    first = new_masks(params, crit, masks, step)
+    frac = jnp.float32(drop_fraction)
+    if regrow_until is not None:
+      t = jnp.minimum(step.astype(jnp.float32) / jnp.float32(regrow_until), 1.0)
+      frac = frac * 0.5 * (1.0 + jnp.cos(jnp.pi * t))
+    targets = jax.tree.leaves(target) if not _masks._is_number_like(target) else None
+    flags = jax.tree.leaves(_select.resolve(where, params))
+    out = []
+    key = jax.random.fold_in(jax.random.key(seed), step)
+    for i, (p, gr, m, f0, sel) in enumerate(zip(jax.tree.leaves(params), jax.tree.leaves(grads),
+                                                 jax.tree.leaves(masks), jax.tree.leaves(first), flags)):
+      if not sel:
+        out.append(m)
+        continue
+      si = target if targets is None else targets[i]
+      n_keep = p.size - _masks._count_k(si, p.size)
+      moved = _drop_grow(p, gr, m, n_keep, frac, jax.random.fold_in(key, i), dst)
+      initial = jnp.sum(m, dtype=jnp.int32) > n_keep
+      out.append(jnp.where(initial, f0, moved))
+    return jax.tree.unflatten(jax.tree.structure(params), out)
+
   def update_fn(updates, state, params=None, **extra_args):
     if params is None:
       raise ValueError("pruned(...).update needs params: call tx.update(grads, state, params).")
     crit = criterion.update(state.criterion, params, updates, **extra_args) if criterion.needs_grads \
         else state.criterion
-    masks = jax.lax.cond(schedule.is_update(state.step),
-                         lambda: new_masks(params, crit, state.masks, state.step),
-                         lambda: state.masks)
+    if dst is None:
+      renew = lambda: new_masks(params, crit, state.masks, state.step)
+    else:
+      renew = lambda: dst_masks(params, updates, crit, state.masks, state.step)
+    masks = jax.lax.cond(schedule.is_update(state.step), renew, lambda: state.masks)
     inner_updates, inner = tx.update(_mask_grads(updates, masks), state.inner, params, **extra_args)
     out = _constrain(inner_updates, params, masks)
     return out, PruneState(inner=inner, masks=masks, criterion=crit, step=optax.safe_increment(state.step))
