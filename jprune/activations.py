@@ -121,8 +121,9 @@ def activation(stats: dict, reduce: str = "mean_abs") -> Criterion:
     reduce: "mean_abs" (mean |a| of the layer's output), "mean_relu" (mean post-ReLU activity), "rms", or
       "apoz" (1 − fraction of a ≤ 0, i.e. of zeros after a ReLU).
 
-  Kernels without statistics score by |w| (select recorded layers with `where`). Use with `neurons()` /
-  `channels()` granularity or `structured.group_scores`.
+  A recorded layer's bias scores like its kernel (its output unit's activity); kernels without statistics score
+  by |w| (select recorded layers with `where`), other leaves 0. Use with `neurons()` / `channels()`
+  granularity or `structured.group_scores`.
   """
   if reduce not in REDUCTIONS:
     raise ValueError(f"reduce must be one of {', '.join(REDUCTIONS)}; got {reduce!r}.")
@@ -131,11 +132,14 @@ def activation(stats: dict, reduce: str = "mean_abs") -> Criterion:
     _check_stats(stats, params, "activation")
     flat = []
     for path, w in _tree.leaves_with_paths(params):
-      if path in stats:
-        u = _unit_scores(stats[path], reduce)
+      layer = path if path.endswith("kernel") else path.rsplit("/", 1)[0] + "/kernel"
+      if layer in stats and w.ndim >= 1 and w.shape[-1] == stats[layer].abs_sum.shape[0]:
+        u = _unit_scores(stats[layer], reduce)   # a kernel, or its layer's bias: the output unit's activity
         flat.append(jnp.broadcast_to(u.reshape((1,) * (w.ndim - 1) + (-1,)), w.shape))
-      else:
+      elif path.endswith("kernel"):
         flat.append(jnp.abs(jnp.asarray(w, jnp.float32)))
+      else:
+        flat.append(jnp.zeros(w.shape, jnp.float32))
     return jax.tree.unflatten(jax.tree.structure(params), flat)
 
   return Criterion(lambda params: (), lambda state, params, grads=None, **extra: state, score)

@@ -149,3 +149,64 @@ def test_masked_training_then_compaction():
   small, _ = S.compact(params, groups, gm)
   np.testing.assert_allclose(np.asarray(resize(model, small).apply({"params": small}, x)),
                              np.asarray(model.apply({"params": params}, x)), rtol=1e-5, atol=1e-5)
+
+
+def test_merge_folds_a_duplicate_neuron_exactly():
+  from jprune import structured
+  from jprune.models import LeNet300, resize
+  model = LeNet300(widths=(6, 5), num_classes=3)
+  x = jax.random.normal(jax.random.key(1), (16, 4))
+  params = model.init(jax.random.key(0), x)["params"]
+  k0 = params["Dense_0"]["kernel"]
+  b0 = params["Dense_0"]["bias"]
+  params["Dense_0"]["kernel"] = k0.at[:, 4].set(2.5 * k0[:, 1])   # unit 4 = 2.5 × unit 1 (before the ReLU)
+  params["Dense_0"]["bias"] = b0.at[4].set(2.5 * b0[1])
+  apply_fn = lambda p, x: model.apply({"params": p}, x)
+  groups = [g for g in structured.groups(apply_fn, params, x) if g.prunable]
+  g0 = next(i for i, g in enumerate(groups) if g.members[0].path.startswith("Dense_0"))
+  gm = [jnp.ones(g.size, bool) for g in groups]
+  gm[g0] = gm[g0].at[4].set(False)
+  merged, _ = structured.compact(params, groups, gm, merge=True)
+  removed, _ = structured.compact(params, groups, gm)
+  small = resize(model, merged)
+  np.testing.assert_allclose(small.apply({"params": merged}, x), apply_fn(params, x), rtol=1e-5, atol=1e-5)
+  assert not np.allclose(small.apply({"params": removed}, x), apply_fn(params, x), atol=1e-3)
+
+
+def test_merge_keeps_more_accuracy_than_removal_before_fine_tuning():
+  import optax
+  from jprune import structured
+  from jprune.models import LeNet300, resize
+  rng = np.random.default_rng(0)
+  protos = rng.random((10, 28, 28, 1)).astype(np.float32)
+  y = rng.integers(0, 10, 3000).astype(np.int32)
+  x = np.clip(protos[y] + 0.6 * rng.standard_normal((3000, 28, 28, 1)).astype(np.float32), 0, 1)
+  xt, yt = x[2000:], y[2000:]
+  model = LeNet300()
+  params = model.init(jax.random.key(0), x[:1])["params"]
+  tx = optax.sgd(0.05, momentum=0.9)
+  state = tx.init(params)
+
+  @jax.jit
+  def step(p, s, xb, yb):
+    loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": p}, xb), yb).mean()
+    u, s = tx.update(jax.grad(loss)(p), s, p)
+    return optax.apply_updates(p, u), s
+
+  for i in range(150):
+    idx = rng.integers(0, 2000, 64)
+    params, state = step(params, state, x[idx], y[idx])
+  apply_fn = lambda p, x: model.apply({"params": p}, x)
+  groups = structured.groups(apply_fn, params, x[:2])
+  gm = structured.group_masks(groups, structured.group_scores(groups, jp.scores(jp.magnitude(), params)), 0.6)
+
+  def evaluate(p):
+    logits = resize(model, p).apply({"params": p}, xt)
+    return (float(jnp.mean(jnp.argmax(logits, -1) == yt)),
+            float(optax.softmax_cross_entropy_with_integer_labels(logits, yt).mean()))
+
+  dense_acc, _ = evaluate(params)
+  acc_removed, loss_removed = evaluate(structured.compact(params, groups, gm)[0])
+  acc_merged, loss_merged = evaluate(structured.compact(params, groups, gm, merge=True)[0])
+  assert dense_acc > 0.9
+  assert loss_merged < loss_removed and acc_merged >= acc_removed, (acc_merged, acc_removed)
