@@ -4,6 +4,8 @@ from jprune import activations as activations
 from jprune import checkpoint as checkpoint
 from jprune.activations import activation as activation
 from jprune.activations import wanda as wanda
+from jprune.ste import STE as STE
+from jprune.ste import ste as ste
 from jprune import select as select
 from jprune.criteria import Criterion as Criterion
 from jprune.criteria import fisher as fisher
@@ -57,4 +59,4 @@ __all__ = [
 from jprune.checkpoint import export_sparse as export_sparse  # noqa: E402
 from jprune.checkpoint import load_sparse as load_sparse  # noqa: E402
 
-__all__ += ["activation", "activations", "checkpoint", "export_sparse", "load_sparse", "wanda"]
+__all__ += ["STE", "activation", "activations", "checkpoint", "export_sparse", "load_sparse", "ste", "wanda"]
