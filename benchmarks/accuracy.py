@@ -3,7 +3,11 @@
 LeNet-300-100: dense, gradual magnitude at 90/95/98%, plus at 90% the seeds' one-shot gradient workflow
 (prune by |∂L/∂w| after training, then retrain), one-shot magnitude and gradual Taylor. LeNet-5: dense and
 gradual magnitude at 90%. Every pruned model starts from the same dense checkpoint of its architecture.
-Run: python benchmarks/accuracy.py [--out runs/accuracy] [--only lenet300]
+The seeds' other methods at 90% on LeNet-300-100 (`--only extra`, results in accuracy_extra.json): neuron
+activity (mean post-ReLU activity, 90% and 50% of hidden neurons removed and the model compacted, fine-tuned),
+learnable masks with a straight-through estimator, and RigL (ERK, drop/grow every 100 steps), each trained
+from the same dense checkpoint for the fine-tuning budget of the other rows.
+Run: python benchmarks/accuracy.py [--out runs/accuracy] [--only lenet300|lenet5|extra]
 """
 
 import argparse
@@ -39,11 +43,100 @@ TARGETS = {("lenet300", None): 0.895, ("lenet300", 0.9): 0.3, ("lenet300", 0.95)
 RECIPE = dict(epochs=20, finetune_epochs=20, finetune_lr=1e-3)
 
 
+def _loop(model, params, tx, ds, epochs, seed=0, apply_params=None):
+  """Plain training loop: softmax CE on `apply_params(params, step)` (default the params themselves)."""
+  import jax
+  import optax
+  from jprune import data
+  state = tx.init(params)
+  apply_params = apply_params or (lambda p, t: p)
+
+  @jax.jit
+  def step(p, s, x, y, t):
+    loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(
+        model.apply({"params": apply_params(p, t)}, x), y).mean()
+    u, s = tx.update(jax.grad(loss)(p), s, p)
+    return optax.apply_updates(p, u), s
+
+  t = 0
+  for e in range(epochs):
+    for x, y in data.batches(ds.x_train, ds.y_train, 128, seed=seed, epoch=e):
+      params, state = step(params, state, x, y, t)
+      t += 1
+  return params, state
+
+
+def extra_rows(out):
+  """Activation-based neuron pruning (compacted), STE and RigL at 90% on LeNet-300-100."""
+  import jax
+  import optax
+  from jprune import structured
+  from jprune.models import resize
+  cfg = job.RunConfig(model="lenet300", out=os.path.join(out, "lenet300"), progress=True, **RECIPE)
+  ds = job.load_data(cfg)
+  model = job._model_for(cfg, ds)
+  dense, _ = job.train_dense(cfg, ds, model)
+  params = dense["params"]
+  d = train.evaluate(model, params, None, ds.x_test, ds.y_test)
+  steps = RECIPE["finetune_epochs"] * (len(ds.x_train) // 128)
+  tx = lambda: job._adam(RECIPE["finetune_lr"], cfg.weight_decay, steps)
+  rows = [{"method": "dense", "sparsity": 0.0, "top1": d["top1"]}]
+  print(f"dense {100 * d['top1']:.2f}%", flush=True)
+
+  apply_fn = lambda p, x: model.apply({"params": p}, x)
+  stats = jp.activations.record(apply_fn, params, [ds.x_train[i:i + 1000] for i in range(0, 20000, 1000)])
+  groups = structured.groups(apply_fn, params, ds.x_train[:2])
+  scores = jp.scores(jp.activation(stats, reduce="mean_relu"), params)
+  for s in (0.9, 0.5):
+    t0 = time.time()
+    gm = structured.group_masks(groups, structured.group_scores(groups, scores, reduce="mean"), s, max_ratio=0.95)
+    small, _ = structured.compact(params, groups, gm, merge=True)
+    small_model = resize(model, small)
+    before = train.evaluate(small_model, small, None, ds.x_test, ds.y_test)["top1"]
+    small, _ = _loop(small_model, small, tx(), ds, RECIPE["finetune_epochs"])
+    e = train.evaluate(small_model, small, None, ds.x_test, ds.y_test)
+    n_small, n_dense = (sum(x.size for x in jax.tree.leaves(p)) for p in (small, params))
+    rows.append({"method": f"neuron activity (mean post-ReLU), {s:.0%} of hidden neurons removed, compacted "
+                           f"(merged), fine-tuned", "sparsity": 1 - n_small / n_dense, "neurons_removed": s,
+                 "widths": list(small_model.widths), "top1_before_finetune": before, "top1": e["top1"],
+                 "seconds": time.time() - t0})
+    print(rows[-1]["method"], f"{100 * e['top1']:.2f}%", flush=True)
+
+  t0 = time.time()
+  ste = jp.ste(0.9, scope="global")
+  p, _ = _loop(model, params, tx(), ds, RECIPE["finetune_epochs"], apply_params=ste.apply)
+  final = ste.finalize(p)
+  e = train.evaluate(model, final, None, ds.x_test, ds.y_test)
+  rows.append({"method": "STE learnable masks (global, recomputed from dense weights every step)",
+               "sparsity": float(jp.sparsity(ste.masks(p), p)), "top1": e["top1"], "seconds": time.time() - t0})
+  print(rows[-1]["method"], f"{100 * e['top1']:.2f}%", flush=True)
+
+  t0 = time.time()
+  rigl = jp.pruned(tx(), schedule=jp.constant(0.9, every=100), distribution=jp.erk(), regrow="rigl",
+                   drop_fraction=0.3, regrow_until=int(0.75 * steps))
+  p, state = _loop(model, params, rigl, ds, RECIPE["finetune_epochs"])
+  e = train.evaluate(model, p, None, ds.x_test, ds.y_test)
+  rows.append({"method": "RigL (ERK, drop 30% cosine-decayed, grow by |g|, every 100 steps)",
+               "sparsity": float(jp.sparsity(jp.masks_of(state), p)), "top1": e["top1"],
+               "seconds": time.time() - t0})
+  print(rows[-1]["method"], f"{100 * e['top1']:.2f}%", flush=True)
+  for r in rows:
+    r["drop_points"] = 100 * (d["top1"] - r["top1"])
+  table = "| method | sparsity (of weights) | top-1 | drop (points) |\n|---|---:|---:|---:|\n"
+  table += "".join(f"| {r['method']} | {r['sparsity']:.1%} | {100 * r['top1']:.2f}% | {r['drop_points']:+.2f} |\n"
+                   for r in rows)
+  path = _common.write("accuracy_extra", {"recipe": RECIPE, "rows": rows, "table": table})
+  print(table)
+  print("wrote", path)
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--out", default="runs/accuracy")
   ap.add_argument("--only", default="lenet300,lenet5")
   args = ap.parse_args()
+  if args.only == "extra":
+    return extra_rows(args.out)
   results = []
   for model_name in args.only.split(","):
     cfg = job.RunConfig(model=model_name, out=os.path.join(args.out, model_name), progress=True, **RECIPE)

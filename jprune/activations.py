@@ -94,6 +94,65 @@ def record(apply_fn: Callable, params: PyTree, batches: Iterable, *, layers=LAYE
   return total
 
 
+def record_nnx(model, batches: Iterable, *, forward: Optional[Callable] = None, layers=None,
+               progress: bool = True) -> dict:
+  """`record` for a Flax nnx model: statistics of every `nnx.Linear` / `nnx.Conv` call, keyed by kernel path.
+
+  nnx has no method interceptor, so inside the traced step the layer classes' `__call__` is wrapped for the
+  duration of the forward pass (and restored after, even on error); the model itself is not modified (the
+  step runs on a merged copy of its state).
+
+  Args:
+    model: an `nnx.Module`.
+    batches: an iterable of batches.
+    forward: `(model, batch) -> output` (default `model(batch)`).
+    layers: nnx module classes to record (default Linear and Conv).
+
+  Returns:
+    {kernel path: LayerStats}, paths as in `nnx.state(model, nnx.Param)` (`l0/kernel`, `layers/0/kernel`).
+  """
+  from flax import nnx
+  layers = tuple(layers or (nnx.Linear, nnx.Conv))
+  forward = forward or (lambda m, b: m(b))
+  graphdef, state = nnx.split(model)
+
+  def run(state, b):
+    m = nnx.merge(graphdef, state)
+    names = {id(mod): "/".join(str(k) for k in path) for path, mod in nnx.iter_graph(m)
+             if isinstance(mod, layers)}
+    stats: dict = {}
+    originals = {cls: cls.__dict__["__call__"] for cls in layers if "__call__" in cls.__dict__}
+
+    def wrapped(orig):
+      def call(self, x, *a, **kw):
+        y = orig(self, x, *a, **kw)
+        if id(self) in names:
+          path = names[id(self)] + "/kernel"
+          s = _layer_stats(x, y)
+          stats[path] = s if path not in stats else jax.tree.map(jnp.add, stats[path], s)
+        return y
+      return call
+
+    try:
+      for cls, orig in originals.items():
+        cls.__call__ = wrapped(orig)
+      forward(m, b)
+    finally:
+      for cls, orig in originals.items():
+        cls.__call__ = orig
+    return stats
+
+  step = jax.jit(run)
+  total = None
+  from jprune._progress import progress_bar
+  for b in progress_bar(batches, desc="activations", disable=not progress):
+    s = step(state, b)
+    total = s if total is None else jax.tree.map(jnp.add, total, s)
+  if not total:
+    raise ValueError("no activations recorded: batches was empty or the model calls no Linear/Conv layer.")
+  return total
+
+
 def _unit_scores(st: LayerStats, reduce: str) -> jax.Array:
   if reduce == "mean_abs":
     return st.abs_sum / st.count

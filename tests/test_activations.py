@@ -94,3 +94,32 @@ def test_conv_channels_from_activity():
   w = jp.scores(jp.wanda(stats), params)["Conv_0"]["kernel"]
   np.testing.assert_allclose(w, np.abs(params["Conv_0"]["kernel"]) * np.sqrt(np.asarray(s.in_sq_sum))[:, None],
                              rtol=1e-5)
+
+
+def test_nnx_statistics_match_linen_style_reference():
+  from flax import nnx
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.l0 = nnx.Linear(5, 6, rngs=rngs)
+      self.l1 = nnx.Linear(6, 3, rngs=rngs)
+
+    def __call__(self, x):
+      return self.l1(nnx.relu(self.l0(x)))
+
+  model = Net(nnx.Rngs(0))
+  rng = np.random.default_rng(1)
+  batches = [jnp.asarray(rng.standard_normal((8, 5)), jnp.float32) for _ in range(2)]
+  original = nnx.Linear.__call__
+  stats = jp.activations.record_nnx(model, batches, progress=False)
+  assert nnx.Linear.__call__ is original  # the hook is gone after recording
+  assert set(stats) == {"l0/kernel", "l1/kernel"}
+  x = np.concatenate([np.asarray(b) for b in batches])
+  y0 = x @ np.asarray(model.l0.kernel[...]) + np.asarray(model.l0.bias[...])
+  np.testing.assert_allclose(stats["l0/kernel"].abs_sum, np.abs(y0).sum(0), rtol=1e-5)
+  np.testing.assert_array_equal(stats["l0/kernel"].nonpos, (y0 <= 0).sum(0))
+  np.testing.assert_allclose(stats["l1/kernel"].in_sq_sum, (np.maximum(y0, 0) ** 2).sum(0), rtol=1e-5)
+  params = nnx.state(model, nnx.Param)
+  scores = jp.scores(jp.activation(stats, reduce="apoz"), params)
+  assert scores["l0"]["kernel"].shape == (5, 6)
+  np.testing.assert_allclose(np.asarray(scores["l0"]["kernel"])[0], 1 - (y0 <= 0).mean(0), rtol=1e-6)
