@@ -54,7 +54,7 @@ print("APoZ of the first hidden layer (fraction of zeros after ReLU): mean %.3f,
 groups = structured.groups(apply_fn, params, x_train[:2])
 scores = jp.scores(jp.activation(stats, reduce="mean_relu"), params)
 gmasks = structured.group_masks(groups, structured.group_scores(groups, scores, reduce="mean"), 0.5)
-small, widths = structured.compact(params, groups, gmasks)
+small, widths = structured.compact(params, groups, gmasks, merge=True)  # fold removed into similar kept
 small_model = resize(model, small)
 print(f"removed half of the hidden neurons by activity: widths {small_model.widths}, "
       f"before fine-tuning {accuracy(small_model, small):.4f}")
