@@ -16,3 +16,18 @@ def mlp_params():
       "Dense_0": {"kernel": jax.random.normal(k[0], (16, 32)), "bias": jax.numpy.zeros((32,))},
       "Dense_1": {"kernel": jax.random.normal(k[1], (32, 8)), "bias": jax.numpy.zeros((8,))},
   }
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_code():
+  """Frees each module's compiled executables: XLA:CPU maps memory per executable, and one long session of
+  ~160 tests otherwise creeps toward the kernel's limit on memory mappings (vm.max_map_count)."""
+  yield
+  import gc
+  import sys
+  llm = sys.modules.get("jprune.llm")
+  if llm is not None:
+    llm._FORWARD_CACHE.clear()
+    llm._STAGE_CACHE.clear()
+  jax.clear_caches()
+  gc.collect()
