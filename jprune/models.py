@@ -154,7 +154,12 @@ def resize(model: nn.Module, params) -> nn.Module:
 # ----------------------------------------------------------------------------------------------- Llama
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
-  """Shapes of a Llama-architecture decoder (GQA, RoPE, RMSNorm, SwiGLU; tied or untied embeddings)."""
+  """Shapes of a Llama-architecture decoder (GQA, RoPE, RMSNorm, SwiGLU; tied or untied embeddings).
+
+  A compacted model has per-layer widths: `layer_hidden_dims[i]` (SwiGLU width of block i),
+  `layer_n_heads[i]` and `layer_n_kv_heads[i]` (query and key/value heads of block i); `None` means every
+  block has the base width. The head width `d_head` stays the base one.
+  """
   vocab_size: int = 49152
   dim: int = 576
   n_layers: int = 30
@@ -166,16 +171,80 @@ class LlamaConfig:
   norm_eps: float = 1e-5
   tie_embeddings: bool = True
   max_seq_len: int = 8192
+  layer_hidden_dims: Optional[tuple] = None
+  layer_n_heads: Optional[tuple] = None
+  layer_n_kv_heads: Optional[tuple] = None
 
   def __post_init__(self):
+    for name in ("layer_hidden_dims", "layer_n_heads", "layer_n_kv_heads"):
+      v = getattr(self, name)
+      if v is not None:
+        object.__setattr__(self, name, tuple(int(x) for x in v))
+        if len(getattr(self, name)) != self.n_layers:
+          raise ValueError(f"{name} has {len(v)} entries for n_layers={self.n_layers}.")
     if self.n_heads % self.n_kv_heads:
       raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}.")
     if self.head_dim is None and self.dim % self.n_heads:
       raise ValueError(f"dim={self.dim} is not a multiple of n_heads={self.n_heads}; give head_dim.")
+    for i in range(self.n_layers):
+      h, kv, f = self.heads_of(i), self.kv_heads_of(i), self.hidden_of(i)
+      if h < 1 or kv < 1 or h % kv:
+        raise ValueError(f"block {i}: {h} query heads over {kv} KV heads; need kv >= 1 and heads a multiple of kv.")
+      if f < 1:
+        raise ValueError(f"block {i}: SwiGLU width {f}; need at least 1.")
 
   @property
   def d_head(self) -> int:
     return self.head_dim or self.dim // self.n_heads
+
+  def hidden_of(self, i: int) -> int:
+    return self.hidden_dim if self.layer_hidden_dims is None else self.layer_hidden_dims[i]
+
+  def heads_of(self, i: int) -> int:
+    return self.n_heads if self.layer_n_heads is None else self.layer_n_heads[i]
+
+  def kv_heads_of(self, i: int) -> int:
+    return self.n_kv_heads if self.layer_n_kv_heads is None else self.layer_n_kv_heads[i]
+
+  @property
+  def uniform(self) -> bool:
+    """Whether every block has the same widths (llama.cpp's `llama` architecture can hold it)."""
+    return all((self.hidden_of(i), self.heads_of(i), self.kv_heads_of(i)) ==
+               (self.hidden_of(0), self.heads_of(0), self.kv_heads_of(0)) for i in range(self.n_layers))
+
+  def layer(self, i: int) -> "LlamaConfig":
+    """The config of block i alone as a uniform config (same `d_head`): blocks of equal widths share it."""
+    return dataclasses.replace(self, n_heads=self.heads_of(i), n_kv_heads=self.kv_heads_of(i),
+                               hidden_dim=self.hidden_of(i), head_dim=self.d_head, layer_hidden_dims=None,
+                               layer_n_heads=None, layer_n_kv_heads=None)
+
+  def with_widths(self, hidden=None, heads=None, kv_heads=None, n_layers=None) -> "LlamaConfig":
+    """A config with per-layer widths (sequences of length n_layers); uniform ones collapse to the base fields."""
+    n = self.n_layers if n_layers is None else n_layers
+    hidden = [self.hidden_of(i) for i in range(n)] if hidden is None else list(hidden)
+    heads = [self.heads_of(i) for i in range(n)] if heads is None else list(heads)
+    kv_heads = [self.kv_heads_of(i) for i in range(n)] if kv_heads is None else list(kv_heads)
+    uni = lambda v: len(set(v)) == 1
+    return dataclasses.replace(
+        self, n_layers=n, head_dim=self.d_head,
+        hidden_dim=hidden[0] if uni(hidden) else self.hidden_dim,
+        n_heads=heads[0] if uni(heads) and uni(kv_heads) else self.n_heads,
+        n_kv_heads=kv_heads[0] if uni(heads) and uni(kv_heads) else self.n_kv_heads,
+        layer_hidden_dims=None if uni(hidden) else tuple(hidden),
+        layer_n_heads=None if uni(heads) and uni(kv_heads) else tuple(heads),
+        layer_n_kv_heads=None if uni(heads) and uni(kv_heads) else tuple(kv_heads))
+
+  def block_params(self, i: int) -> int:
+    """Parameters of block i (its 7 kernels and 2 norm scales)."""
+    d, dh = self.dim, self.d_head
+    return d * dh * (2 * self.heads_of(i) + 2 * self.kv_heads_of(i)) + 3 * d * self.hidden_of(i) + 2 * d
+
+  def macs_per_token(self, context: int = 0) -> int:
+    """Multiply-accumulates per token of a forward pass: every kernel (and the LM head), plus attention's
+    q·k and p·v over `context` earlier positions."""
+    attn = sum(2 * context * self.heads_of(i) * self.d_head for i in range(self.n_layers))
+    kernels = sum(self.block_params(i) - 2 * self.dim for i in range(self.n_layers))
+    return kernels + self.vocab_size * self.dim + attn
 
   @classmethod
   def smollm2_135m(cls) -> "LlamaConfig":
@@ -220,11 +289,15 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 
 
 class LlamaAttention(nn.Module):
-  """Grouped-query causal self-attention with RoPE. `mix` returns the heads' output before `o_proj`."""
+  """Grouped-query causal self-attention with RoPE. `mix` returns the heads' output before `o_proj`.
+
+  `layer` picks block `layer`'s head counts from a config with per-layer widths.
+  """
   config: LlamaConfig
+  layer: int = 0
 
   def setup(self):
-    c = self.config
+    c = self.config.layer(self.layer)
     dh = c.d_head
     self.q_proj = nn.Dense(c.n_heads * dh, use_bias=False)
     self.k_proj = nn.Dense(c.n_kv_heads * dh, use_bias=False)
@@ -232,7 +305,7 @@ class LlamaAttention(nn.Module):
     self.o_proj = nn.Dense(c.dim, use_bias=False)
 
   def mix(self, x, positions):
-    c = self.config
+    c = self.config.layer(self.layer)
     b, t, _ = x.shape
     dh, kv, g = c.d_head, c.n_kv_heads, c.n_heads // c.n_kv_heads
     q = self.q_proj(x).reshape(b, t, c.n_heads, dh)
@@ -253,9 +326,10 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
   """SwiGLU MLP. `hidden` returns silu(gate(x))·up(x), the input of `down_proj`."""
   config: LlamaConfig
+  layer: int = 0
 
   def setup(self):
-    c = self.config
+    c = self.config.layer(self.layer)
     self.gate_proj = nn.Dense(c.hidden_dim, use_bias=False)
     self.up_proj = nn.Dense(c.hidden_dim, use_bias=False)
     self.down_proj = nn.Dense(c.dim, use_bias=False)
@@ -270,10 +344,11 @@ class LlamaMLP(nn.Module):
 class LlamaBlock(nn.Module):
   """One pre-norm decoder block: x + attn(norm(x)), then h + mlp(norm(h))."""
   config: LlamaConfig
+  layer: int = 0
 
   @nn.compact
   def __call__(self, x, positions):
-    c = self.config
+    c = self.config.layer(self.layer)
     h = x + LlamaAttention(c, name="attn")(RMSNorm(c.norm_eps, name="attn_norm")(x), positions)
     return h + LlamaMLP(c, name="mlp")(RMSNorm(c.norm_eps, name="mlp_norm")(h))
 
@@ -292,7 +367,7 @@ class Llama(nn.Module):
     c = self.config
     self.embed = nn.Embed(c.vocab_size, c.dim, embedding_init=nn.initializers.normal(0.02))
     block = nn.remat(LlamaBlock) if self.remat else LlamaBlock
-    self.layers = [block(c, name=f"layers_{i}") for i in range(c.n_layers)]
+    self.layers = [block(c, i, name=f"layers_{i}") for i in range(c.n_layers)]
     self.norm = RMSNorm(c.norm_eps)
     if not c.tie_embeddings:
       self.lm_head = nn.Dense(c.vocab_size, use_bias=False)

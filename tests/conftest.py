@@ -18,6 +18,13 @@ def mlp_params():
   }
 
 
+@pytest.fixture(scope="session")
+def smollm2():
+  """SmolLM2-135M (config, float32 params, tokenizer), read from its GGUF once per test run."""
+  from jprune import llm
+  return llm.load_gguf()
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_code():
   """Frees each module's compiled executables: XLA:CPU maps memory per executable, and one long session of
@@ -27,7 +34,6 @@ def _release_compiled_code():
   import sys
   llm = sys.modules.get("jprune.llm")
   if llm is not None:
-    llm._FORWARD_CACHE.clear()
-    llm._STAGE_CACHE.clear()
+    llm.clear_caches()
   jax.clear_caches()
   gc.collect()

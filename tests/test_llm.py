@@ -260,8 +260,8 @@ def test_tiny_gguf_loads_and_matches_numpy_reference(tmp_path, tied):
 
 
 @pytest.fixture(scope="module")
-def smollm():
-  return llm.load_gguf()
+def smollm(smollm2):
+  return smollm2
 
 
 def test_smollm2_forward_matches_numpy_reference(smollm):

@@ -1,0 +1,70 @@
+"""SparseGPT (Frantar & Alistarh 2023): prune one kernel and update the rest from H = Σ x xᵀ."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+@jax.jit(static_argnames=("n", "m", "blocksize", "sparsity"))
+def sparsegpt(kernel: jax.Array, hessian: jax.Array, sparsity: float = 0.5, n: int = 0, m: int = 0,
+              blocksize: int = 128, percdamp: float = 0.01) -> tuple[jax.Array, jax.Array]:
+  """SparseGPT (Frantar & Alistarh 2023) on one Flax kernel (in, out) with H = Σ x xᵀ over its inputs.
+
+  Columns of W = kernelᵀ (input features) are processed in blocks; inside a block, the mask is chosen by
+  w² / [H⁻¹]²_cc (exactly round(s·rows·block) per block, or n of every m inputs for N:M), and each pruned
+  column's error is spread over the not-yet-processed columns with the Cholesky factor of H⁻¹ (the OBS
+  update). Returns (new kernel, keep-mask), both (in, out).
+  """
+  w = kernel.T.astype(jnp.float32)
+  rows, cols = w.shape
+  h = hessian.astype(jnp.float32)
+  dead = jnp.diag(h) == 0
+  h = h + jnp.diag(dead.astype(jnp.float32))
+  w = jnp.where(dead[None, :], 0.0, w)
+  h = h + percdamp * jnp.mean(jnp.diag(h)) * jnp.eye(cols, dtype=jnp.float32)
+  chol = jnp.linalg.cholesky(h)
+  hinv = jax.scipy.linalg.cho_solve((chol, True), jnp.eye(cols, dtype=jnp.float32))
+  u = jnp.linalg.cholesky(hinv).T          # upper: H⁻¹ = uᵀ u
+  bs = blocksize
+  col = jnp.arange(cols)
+  k_block = int(round(sparsity * rows * bs))
+
+  def block_step(b, carry):
+    w, prune = carry
+    i1 = b * bs
+    w1 = jax.lax.dynamic_slice(w, (0, i1), (rows, bs))
+    u1 = jax.lax.dynamic_slice(u, (i1, i1), (bs, bs))
+    d = jnp.diag(u1)
+    if n:
+      p1 = jnp.zeros((rows, bs), bool)
+    else:
+      tmp = (w1 * w1 / (d * d)[None, :]).reshape(-1)
+      order = jnp.argsort(tmp, stable=True)
+      p1 = jnp.zeros(rows * bs, bool).at[order[:k_block]].set(True).reshape(rows, bs)
+
+    def col_step(i, c):
+      w1, p1, err1 = c
+      if n:  # choose the group's mask when reaching its first column, from the updated weights
+        def choose(p1):
+          grp = jax.lax.dynamic_slice(w1, (0, i), (rows, m)) ** 2 / jax.lax.dynamic_slice(d, (i,), (m,))[None] ** 2
+          order = jnp.argsort(grp, axis=1, stable=True)[:, : m - n]
+          sel = jnp.zeros((rows, m), bool).at[jnp.arange(rows)[:, None], order].set(True)
+          return jax.lax.dynamic_update_slice(p1, sel, (0, i))
+        p1 = jax.lax.cond(i % m == 0, choose, lambda p: p, p1)
+      wcol = w1[:, i]
+      q = jnp.where(p1[:, i], 0.0, wcol)
+      err = (wcol - q) / u1[i, i]
+      w1 = w1 - err[:, None] * u1[i][None, :]   # u1[i, :i] = 0: only columns >= i change
+      return w1, p1, err1.at[:, i].set(err)
+
+    w1, p1, err1 = jax.lax.fori_loop(0, bs, col_step, (w1, p1, jnp.zeros((rows, bs), jnp.float32)))
+    w1 = jnp.where(p1, 0.0, w1)
+    rest = w - err1 @ jax.lax.dynamic_slice(u, (i1, 0), (bs, cols))
+    w = jnp.where(col[None, :] >= i1 + bs, rest, w)
+    w = jax.lax.dynamic_update_slice(w, w1, (0, i1))
+    prune = jax.lax.dynamic_update_slice(prune, p1, (0, i1))
+    return w, prune
+
+  w, prune = jax.lax.fori_loop(0, cols // bs, block_step, (w, jnp.zeros((rows, cols), bool)))
+  return w.T.astype(kernel.dtype), ~prune.T
