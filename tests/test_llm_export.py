@@ -11,7 +11,7 @@ import pytest
 from jprune import llm
 from jprune.llm import gguf as G
 from jprune.llm import llamacpp, width
-from jprune.models import Llama, LlamaConfig
+from jprune.models import Llama
 
 from test_llm import _write_tiny_gguf
 

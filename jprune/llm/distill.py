@@ -91,7 +91,8 @@ def distill(student, student_params: PyTree, teacher, teacher_params: PyTree, tr
   if not (0.0 <= alpha <= 1.0) or temperature <= 0 or lr <= 0:
     raise ValueError(f"need 0 <= alpha <= 1, temperature > 0 and lr > 0; got {alpha}, {temperature}, {lr}.")
   s_model, t_model = Llama(s_cfg, remat=True), Llama(t_cfg)
-  sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, min(warmup, steps)), max(steps, 1), lr * 0.1)
+  w = max(1, min(warmup, steps))
+  sched = optax.warmup_cosine_decay_schedule(0.0, lr, w, max(steps, w + 1), lr * 0.1)
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=weight_decay))
   if masks is not None:
     from jprune.transform import keep_pruned
@@ -106,9 +107,10 @@ def distill(student, student_params: PyTree, teacher, teacher_params: PyTree, tr
 
   @jax.jit
   def step_fn(p, opt, batch):
-    loss, g = jax.value_and_grad(loss_fn)(p, batch)
-    u, opt = tx.update(g, opt, p)
-    return optax.apply_updates(p, u), opt, loss
+    with jax.numpy_dtype_promotion("standard"):   # optax's schedules mix Python floats with int32 counts
+      loss, g = jax.value_and_grad(loss_fn)(p, batch)
+      u, opt = tx.update(g, opt, p)
+      return optax.apply_updates(p, u), opt, loss
 
   params = jax.tree.map(jnp.asarray, student_params)
   opt = tx.init(params)

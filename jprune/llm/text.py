@@ -39,3 +39,10 @@ def split_text_tokens(ids, calib: int, calib_len: int, eval_windows: int, eval_l
   n = min(calib, (half - calib_len) // step + 1)
   cal = np.stack([ids[i * step: i * step + calib_len] for i in range(n)])
   return cal, token_windows(ids[-eval_windows * eval_len:], eval_len)
+
+
+def train_windows(ids, seq_len: int) -> np.ndarray:
+  """Every non-overlapping window of the first half of a token stream (for recovery training; the evaluation
+  windows of `split_text_tokens` come from the end, so the two never overlap)."""
+  ids = np.asarray(ids, np.int32)
+  return token_windows(ids[: len(ids) // 2], seq_len)

@@ -490,3 +490,74 @@ def compact(model, params: PyTree, units: dict) -> tuple[LlamaConfig, PyTree]:
 
 def n_params(tree: PyTree) -> int:
   return int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(tree)))
+
+
+# ----------------------------------------------------------------------------------------------- one call
+def prune_width(model, params: PyTree, calibration_tokens, *, sparsity: Optional[float] = None,
+                mlp: Optional[float] = None, heads: Optional[float] = None, criterion: str = "activation",
+                kinds: Sequence[str] = ("mlp", "heads"), allocation: str = "layer", round_to: int = 8,
+                head_groups: str = "query", blocks: int = 0, reconstruct: bool = False, batch_size: int = 8,
+                progress: bool = True) -> WidthPruneResult:
+  """Scores, chooses, (optionally) reconstructs and compacts in one call.
+
+  Args:
+    model: a `jprune.models.Llama` or its `LlamaConfig`; params: its params.
+    calibration_tokens: int token windows (n, T).
+    sparsity: fraction of the decoder blocks' params to remove (over `kinds`, plus `blocks`); or give
+      `mlp=` / `heads=` fractions of units per kind.
+    criterion: "activation" (Minitron), "flap", "taylor" (LLM-Pruner), "fisher", or "l2" (magnitude baseline).
+    allocation: "layer" (every block the same share, default) or "global" (see `choose_units`).
+    round_to: MLP widths stay multiples of it (8 by default: SIMD-friendly; 32 also keeps q8_0's 32-value
+      blocks whole along down_proj's rows, else `save_gguf` stores that tensor as f16).
+    head_groups: "query" (equal numbers of query heads per KV group) or "kv" (whole KV groups).
+    blocks: remove this many whole blocks first, the lowest Block Influence (counted in `sparsity`).
+    reconstruct: refit `o_proj`/`down_proj` rows by least squares on the calibration set (see `apply_units`).
+
+  Returns:
+    `WidthPruneResult(config, params, masked_params, masks, units, scores, info)`; `Llama(config)` on `params`
+    computes what `Llama(model's config)` computes on `masked_params`.
+  """
+  import time
+  cfg = _config(model)
+  t0 = time.perf_counter()
+  calib = np.asarray(calibration_tokens)
+  if calib.ndim != 2 or not np.issubdtype(calib.dtype, np.integer):
+    raise ValueError(f"calibration_tokens must be int tokens (n, seq_len), got {calib.dtype} {calib.shape}.")
+  if calib.min() < 0 or calib.max() >= cfg.vocab_size:
+    raise ValueError(f"calibration_tokens must lie in [0, {cfg.vocab_size}).")
+  if not isinstance(blocks, int) or not 0 <= blocks < cfg.n_layers:
+    raise ValueError(f"blocks must be an int in [0, {cfg.n_layers}), got {blocks!r}.")
+  if criterion not in CRITERIA:
+    raise ValueError(f"criterion must be one of {', '.join(CRITERIA)}; got {criterion!r}.")
+  stats = None
+  if criterion in ("activation", "flap") or blocks:
+    stats = activation_stats(cfg, params, calib, batch_size=batch_size, progress=progress)
+  removed = []
+  if blocks:
+    removed = sorted(np.argsort(block_influence(stats), kind="stable")[:blocks].tolist())
+  scores = unit_scores(cfg, params, calib, criterion, batch_size=batch_size, stats=stats, progress=progress)
+  units = choose_units(cfg, scores, sparsity=sparsity, mlp=mlp, heads=heads, kinds=kinds, allocation=allocation,
+                       round_to=round_to, head_groups=head_groups, removed_blocks=removed,
+                       loss_scores=criterion in ("taylor", "fisher"))
+  masked = apply_units(cfg, params, units, calib, reconstruct=reconstruct, batch_size=batch_size,
+                       progress=progress)
+  small_cfg, small = compact(cfg, masked, units)
+  dense_blocks = sum(cfg.block_params(i) for i in range(cfg.n_layers))
+  small_blocks = sum(small_cfg.block_params(i) for i in range(small_cfg.n_layers))
+  info = {"criterion": criterion, "sparsity": sparsity, "mlp": mlp, "heads": heads, "kinds": list(kinds),
+          "allocation": allocation, "round_to": round_to, "head_groups": head_groups, "removed_blocks": removed,
+          "reconstruct": reconstruct, "calibration": list(calib.shape), "params": n_params(params),
+          "params_after": n_params(small), "block_params": dense_blocks, "block_params_after": small_blocks,
+          "removed_fraction_of_blocks": 1 - small_blocks / dense_blocks,
+          "macs_per_token": cfg.macs_per_token(), "macs_per_token_after": small_cfg.macs_per_token(),
+          "seconds": time.perf_counter() - t0}
+  return WidthPruneResult(small_cfg, small, masked, param_masks(cfg, params, units), units, scores, info)
+
+
+def widths_table(config: LlamaConfig) -> str:
+  """Markdown table of every block's widths."""
+  rows = ["| block | query heads | KV heads | MLP width | params |", "|---:|---:|---:|---:|---:|"]
+  for i in range(config.n_layers):
+    rows.append(f"| {i} | {config.heads_of(i)} | {config.kv_heads_of(i)} | {config.hidden_of(i)} | "
+                f"{config.block_params(i):,} |")
+  return "\n".join(rows)
