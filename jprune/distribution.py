@@ -55,7 +55,7 @@ def erk(sparsity: Optional[float] = None, scale: float = 1.0):
     t = _target(sparsity, s)
     shapes = [p.shape for p, f in zip(jax.tree.leaves(params), flags) if f]
     n = jnp.asarray([float(np.prod(sh)) for sh in shapes], jnp.float32)
-    raw = jnp.asarray([(sum(sh) / float(np.prod(sh))) ** scale for sh in shapes], jnp.float32)
+    raw = jnp.asarray([(sum(sh) / max(1.0, float(np.prod(sh)))) ** scale for sh in shapes], jnp.float32)
     keep_total = (1.0 - t) * jnp.sum(n)
     dense = jnp.zeros(len(shapes), jnp.bool_)
     eps = jnp.float32(0.0)

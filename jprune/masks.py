@@ -167,10 +167,12 @@ def unit_mask_of(mask: jax.Array, shape, g: Granularity) -> jax.Array:
 
 # ----------------------------------------------------------------------------------------------- keys
 def _keys(s: jax.Array) -> jax.Array:
-  """Maps float32 scores to int32 keys with the same order (total order; -0.0 < +0.0)."""
-  b = jax.lax.bitcast_convert_type(s.astype(jnp.float32), jnp.int32)
+  """Maps float32 scores to int32 keys with the same order (total order; -0.0 < +0.0). NaN (of either sign)
+  ranks lowest, below -inf, so a NaN score is pruned first; eager calls raise on NaN before getting here."""
+  s = s.astype(jnp.float32)
+  b = jax.lax.bitcast_convert_type(s, jnp.int32)
   k = jnp.where(b >= 0, b, b ^ jnp.int32(0x7FFFFFFF))
-  return jnp.maximum(k, jnp.int32(_PRUNED_KEY + 1))
+  return jnp.where(jnp.isnan(s), jnp.int32(_PRUNED_KEY + 1), jnp.maximum(k, jnp.int32(_PRUNED_KEY + 1)))
 
 
 def _unit_key(unit):
@@ -440,11 +442,35 @@ def _prepare(scores, where, granularity, prior):
   return g, items, flags, prior_leaves
 
 
-def _count_k(s, n):
-  """round(s * n) as int32: exact in float64 for concrete values, float32 math when traced."""
-  if _tree.is_traced(s):
-    return jnp.round(jnp.asarray(s, jnp.float32) * n).astype(jnp.int32)
-  return jnp.int32(int(np.round(np.float64(s) * n)))
+_MICRO = 10 ** 6
+
+
+def _count_k(s, n: int):
+  """How many of n units a sparsity s prunes: round(s·n), ties to even, with s read to 6 decimals
+  (d = round(s·10⁶)) and the product computed exactly in integers, so a Python float (eager) and the float32
+  it becomes under `jit` give the same count (0.3 · 95 → 28 either way; in float32 arithmetic 0.3·95 would
+  round up to 29). A traced s outside [0, 1) is clamped to [0, 0.999999] and NaN counts as 0 (eager values
+  outside [0, 1) raise before this)."""
+  n = int(n)
+  if n >= 2 ** 31 - 1:
+    raise ValueError(f"{n} units exceed the int32 counts top-k uses; prune fewer units per call.")
+  a, b1, b0 = n // _MICRO, (n % _MICRO) // 1000, n % 1000
+  if not _tree.is_traced(s):
+    d = min(max(int(round(float(s) * _MICRO)), 0), _MICRO - 1)
+    q, r = divmod(d * n, _MICRO)
+    return jnp.int32(q + (1 if 2 * r > _MICRO or (2 * r == _MICRO and q % 2) else 0))
+  s = jnp.asarray(s, jnp.float32)
+  d = jnp.round(jnp.where(jnp.isnan(s), 0.0, jnp.clip(s, 0.0, 1.0)) * _MICRO).astype(jnp.int32)
+  d = jnp.minimum(d, _MICRO - 1)
+  # d·n / 10⁶ with n = a·10⁶ + b1·10³ + b0: every partial product stays below 2³¹
+  t1, t0 = d * b1, d * b0
+  q1, r1 = t1 // 1000, t1 % 1000
+  q0, r0 = t0 // _MICRO, t0 % _MICRO
+  frac = r1 * 1000 + r0                                   # < 2·10⁶
+  q = d * a + q1 + q0 + frac // _MICRO
+  r = frac % _MICRO
+  up = (2 * r > _MICRO) | ((2 * r == _MICRO) & (q % 2 == 1))
+  return q + up.astype(jnp.int32)
 
 
 def topk(scores: PyTree, sparsity, *, where=None, scope: str = "layer", granularity=None,
@@ -489,6 +515,9 @@ def topk(scores: PyTree, sparsity, *, where=None, scope: str = "layer", granular
   for i, ((path, s), f) in enumerate(zip(items, flags)):
     if not f:
       continue
+    if s.size == 0:   # nothing to rank: an empty mask of the leaf's shape
+      out[i] = jnp.ones(s.shape, jnp.bool_)
+      continue
     u = unit_scores(s, g)
     prior = None if prior_leaves[i] is None else unit_mask_of(prior_leaves[i], s.shape, g)
     units[i], shapes[i] = (u, prior), s.shape
@@ -498,6 +527,8 @@ def topk(scores: PyTree, sparsity, *, where=None, scope: str = "layer", granular
       raise ValueError("scope='global' takes one sparsity number, not a per-leaf tree.")
     _tree.check_sparsity(sparsity)
     idx = sorted(units)
+    if not idx:
+      return jax.tree.unflatten(treedef, out)
     n_total = sum(int(units[i][0].size) for i in idx)
     keeps = prune_lowest([units[i] for i in idx], _count_k(sparsity, n_total), _unit_key)
     for i, kp in zip(idx, keeps):

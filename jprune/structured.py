@@ -183,6 +183,10 @@ class _Tracer:
         self.link(outs[0], i, ins[0], src)
     elif name in REDUCTIONS:
       axes = set(p.get("axes", ()))
+      for d in axes:  # a sum/max over units sees every unit: removing some changes it (LayerNorm, softmax)
+        n = self.node(ins[0], d)
+        if n is not None:
+          self.uf.block(n, f"{name} over the axis at {where}")
       kept = [d for d in range(len(_shape(ins[0]))) if d not in axes]
       for o, d in enumerate(kept):
         if o < len(_shape(outs[0])):
@@ -427,11 +431,19 @@ def group_scores(groups_: Sequence[Group], scores: PyTree, reduce: str = "l2") -
   """One score per unit of every prunable group, aggregating all members' scores.
 
   reduce: "l2" (sqrt of the sum of squares), "l1" (sum of |s|), "mean" (mean of |s| over all member entries),
-  or "taylor" (sum, for |w·g| scores: Molchanov 2019's group Taylor).
+  or "taylor": |Σ s| over the unit's entries for *signed* scores s = w·∂L/∂w (Molchanov et al. 2019's group
+  Taylor: the first-order loss change of removing the whole unit), e.g.
+  `jax.tree.map(lambda w, g: w * g, params, grads)`. Given |w·g| (all ≥ 0) it would equal "l1", so such
+  scores are refused.
   """
   if reduce not in ("l2", "l1", "mean", "taylor"):
     raise ValueError(f"reduce must be l2, l1, mean or taylor; got {reduce!r}.")
   flat = dict(_tree.leaves_with_paths(scores))
+  if reduce == "taylor":
+    concrete = [x for x in flat.values() if not _tree.is_traced(x) and hasattr(x, "dtype") and np.size(x)]
+    if concrete and not any(bool(jnp.any(jnp.asarray(x) < 0)) for x in concrete):
+      raise ValueError("reduce='taylor' sums signed w·∂L/∂w over each unit, but these scores have no negative "
+                       "entry (|w·g|, as jp.taylor() gives?); pass params * grads, or use reduce='l1'.")
   out = []
   for g in groups_:
     total, count = jnp.zeros(g.size, jnp.float32), 0
@@ -442,11 +454,15 @@ def group_scores(groups_: Sequence[Group], scores: PyTree, reduce: str = "l2") -
       axes = tuple(d for d in range(u.ndim) if d != u.ndim - 2)
       if reduce == "l2":
         total = total + jnp.sum(jnp.square(u), axis=axes)
+      elif reduce == "taylor":
+        total = total + jnp.sum(u.astype(jnp.float32), axis=axes)
       else:
         total = total + jnp.sum(jnp.abs(u), axis=axes)
       count += u.size // g.size
     if reduce == "l2":
       total = jnp.sqrt(total)
+    elif reduce == "taylor":
+      total = jnp.abs(total)
     elif reduce == "mean":
       total = total / max(count, 1)
     out.append(total)
@@ -463,6 +479,12 @@ def group_masks(groups_: Sequence[Group], gscores: Sequence[jax.Array], sparsity
   """
   from jprune import masks as _masks
   _tree.check_sparsity(sparsity)
+  if scope not in ("global", "group"):
+    raise ValueError(f"scope must be 'global' or 'group', got {scope!r}.")
+  if not (isinstance(round_to, int) and round_to >= 1):
+    raise ValueError(f"round_to must be a positive int, got {round_to!r}.")
+  if not 0.0 <= max_ratio <= 1.0:
+    raise ValueError(f"max_ratio must be in [0, 1], got {max_ratio!r}.")
   out = []
   prunable = [i for i, g in enumerate(groups_) if g.prunable]
   if scope == "global":

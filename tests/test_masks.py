@@ -171,3 +171,40 @@ def test_global_search_brackets_exactly_in_few_passes(kind):
   assert max(passes) <= (9 if smooth else 12), passes
   if smooth:
     assert np.mean(passes) <= 6, passes
+
+
+# ----------------------------------------------------------------------------------------------- issue #12
+def test_traced_and_eager_sparsity_prune_the_same_count():
+  """A traced sparsity is float32: 0.3·95 rounds to 29 in float32 arithmetic but is 28 = round(0.3·95)."""
+  from fractions import Fraction
+  topk_jit = jax.jit(lambda t, s: jp.topk(t, s))
+  for s, shape in ((0.3, (19, 5)), (0.7, (9, 5)), (0.7, (17, 5)), (0.5, (19, 5)), (0.15, (3, 10)), (0.9, (7, 3))):
+    t = {"kernel": jax.random.uniform(jax.random.key(1), shape)}
+    n = shape[0] * shape[1]
+    want = round(Fraction(round(s * 10 ** 6), 10 ** 6) * n)     # exact s·n, ties to even
+    eager, traced = (int((~m["kernel"]).sum()) for m in (jp.topk(t, s), topk_jit(t, s)))
+    assert eager == traced == want, (s, n, eager, traced, want)
+    g_eager, g_traced = (int((~m["kernel"]).sum()) for m in (jp.topk(t, s, scope="global"),
+                                                               jax.jit(lambda t, s: jp.topk(t, s, scope="global"))(t, s)))
+    assert g_eager == g_traced == want
+
+
+def test_traced_nan_scores_rank_lowest_and_bad_traced_sparsity_is_clamped():
+  x = jnp.array([[1.0, jnp.nan, 2.0, -jnp.nan, 3.0, 4.0, -jnp.inf, 5.0]])
+  m = jax.jit(lambda t: jp.topk(t, 0.25))({"kernel": x})["kernel"]
+  assert m.tolist() == [[True, False, True, False, True, True, True, True]]      # both NaNs go first, not -inf
+  with pytest.raises(ValueError, match="NaN"):
+    jp.topk({"kernel": x}, 0.25)                                                  # eager: one clear error
+  t = {"kernel": jnp.arange(1.0, 11.0)[None]}
+  f = jax.jit(lambda t, s: jp.topk(t, s))
+  assert int((~f(t, 1.5)["kernel"]).sum()) == 10 and int((~f(t, -0.5)["kernel"]).sum()) == 0
+  assert int((~f(t, jnp.nan)["kernel"]).sum()) == 0
+
+
+def test_zero_size_leaves_are_left_alone():
+  t = {"a": {"kernel": jnp.zeros((0, 4))}, "b": {"kernel": jnp.arange(9.0).reshape(3, 3)}}
+  for scope in ("layer", "global"):
+    m = jp.topk(t, 0.5, scope=scope)
+    assert m["a"]["kernel"].shape == (0, 4) and int((~m["b"]["kernel"]).sum()) == 4 + (scope == "global" and 0)
+  m = jp.topk(t, jp.erk(0.5))
+  assert m["a"]["kernel"].shape == (0, 4)

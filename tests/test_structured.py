@@ -210,3 +210,43 @@ def test_merge_keeps_more_accuracy_than_removal_before_fine_tuning():
   acc_merged, loss_merged = evaluate(structured.compact(params, groups, gm, merge=True)[0])
   assert dense_acc > 0.9
   assert loss_merged < loss_removed and acc_merged >= acc_removed, (acc_merged, acc_removed)
+
+
+def test_reductions_over_a_unit_axis_block_the_group():
+  """LayerNorm's statistics and a softmax over the hidden units change when units are removed: not prunable."""
+  class Norm(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(3)(nn.relu(nn.LayerNorm()(nn.Dense(4)(x))))
+
+  class Soft(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(3)(jax.nn.softmax(nn.Dense(4)(x)))
+
+  x = jnp.ones((2, 5))
+  for m, op in ((Norm(), "reduce_sum"), (Soft(), "reduce_max")):
+    p = m.init(jax.random.key(0), x)["params"]
+    gs = S.groups(lambda p, x: m.apply({"params": p}, x), p, x)
+    hidden = [g for g in gs if any(mm.path == "Dense_1/kernel" for mm in g.members) and g.size == 4]
+    assert hidden and not any(g.prunable for g in hidden)
+    assert op in hidden[0].reason
+
+
+def test_group_scores_taylor_and_group_masks_arguments():
+  model = LeNet300(widths=(8, 6))
+  x = jnp.ones((2, 28, 28, 1))
+  params = model.init(jax.random.key(0), x)["params"]
+  gs = S.groups(lambda p, x: model.apply({"params": p}, x), params, x)
+  signed = jax.tree.map(lambda w: w - jnp.mean(w), params)
+  taylor = S.group_scores(gs, signed, reduce="taylor")
+  l1 = S.group_scores(gs, signed, reduce="l1")
+  g0 = next(i for i, g in enumerate(gs) if g.prunable)
+  members = [m for m in gs[g0].members]
+  assert not np.allclose(taylor[g0], l1[g0])
+  assert np.all(np.asarray(taylor[g0]) <= np.asarray(l1[g0]) + 1e-6)     # |Σ s| ≤ Σ |s|
+  assert members
+  with pytest.raises(ValueError, match="no negative entry"):
+    S.group_scores(gs, jax.tree.map(jnp.abs, params), reduce="taylor")
+  with pytest.raises(ValueError, match="scope must be"):
+    S.group_masks(gs, l1, 0.5, scope="bogus")

@@ -63,7 +63,8 @@ def distill(student, student_params: PyTree, teacher, teacher_params: PyTree, tr
             batch_size: int = 8, lr: float = 2e-4, warmup: int = 20, weight_decay: float = 0.0,
             temperature: float = 1.0, alpha: float = 0.0, masks: Optional[PyTree] = None, seed: int = 0,
             checkpoint_dir: Optional[str] = None, save_every: int = 50, max_seconds: Optional[float] = None,
-            log_every: int = 10, eval_tokens=None, eval_every: int = 0, progress: bool = True) -> DistillResult:
+            log_every: int = 10, eval_tokens=None, eval_every: int = 0, remat: bool = False,
+            progress: bool = True) -> DistillResult:
   """Distils `teacher` into `student` on windows of training tokens (n, T) for `steps` AdamW steps.
 
   Args:
@@ -75,6 +76,7 @@ def distill(student, student_params: PyTree, teacher, teacher_params: PyTree, tr
     checkpoint_dir: resumable checkpoints every `save_every` steps and at the end (or at `max_seconds`).
     max_seconds: stop after this wall time (checkpointed), e.g. to bound recovery to a time budget.
     eval_tokens, eval_every: perplexity on held-out windows every `eval_every` steps (into `history`).
+    remat: recompute each student block in the backward pass (memory of one block's activations, ~25% slower).
   """
   s_cfg, t_cfg = _config(student), _config(teacher)
   if s_cfg.vocab_size != t_cfg.vocab_size:
@@ -90,7 +92,7 @@ def distill(student, student_params: PyTree, teacher, teacher_params: PyTree, tr
     raise ValueError(f"batch_size must be in [1, {len(toks)}] (the number of training windows), got {batch_size!r}.")
   if not (0.0 <= alpha <= 1.0) or temperature <= 0 or lr <= 0:
     raise ValueError(f"need 0 <= alpha <= 1, temperature > 0 and lr > 0; got {alpha}, {temperature}, {lr}.")
-  s_model, t_model = Llama(s_cfg, remat=True), Llama(t_cfg)
+  s_model, t_model = Llama(s_cfg, remat=remat), Llama(t_cfg)
   w = max(1, min(warmup, steps))
   sched = optax.warmup_cosine_decay_schedule(0.0, lr, w, max(steps, w + 1), lr * 0.1)
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=weight_decay))

@@ -35,10 +35,11 @@ Allocation (`choose_units`): a block's units are sorted by score and removed in 
 score, each kind of unit on its own scale (scores divided by that kind's median over the model), and removes
 the lowest until the target is met.
 
-Recovery without training (`reconstruct=True`): block by block with the pruned model's own activations, the
-kept rows of `o_proj` and `down_proj` are refitted by least squares to reproduce the unpruned layer's output
-on the calibration set, W_K ← (H_KK + λI)⁻¹ H_K: W with H = Σ a aᵀ (the structured analogue of SparseGPT's
-update; λ = 1% of the mean diagonal). Then `compact` slices the params and returns the smaller config.
+Recovery without training (`reconstruct="layer"` or `"dense"`): block by block with the pruned model's own
+activations, the kept rows of `o_proj` and `down_proj` are refitted by least squares, W_K ← (H_KK + λI)⁻¹ Σ a_Kᵀ t
+with H = Σ a aᵀ (the structured analogue of SparseGPT's update; λ = 1% of the mean diagonal), to reproduce the
+unpruned layer's output t on the same inputs ("layer"), or the dense model's residual stream at that point
+("dense": also undoes the drift of the blocks before). Then `compact` slices the params into the smaller config.
 """
 
 from __future__ import annotations
@@ -129,9 +130,12 @@ def activation_stats(model, params: PyTree, calibration_tokens, *, batch_size: i
   return out
 
 
-def _gate_gradients(cfg, params, calib, batch_size, progress):
+def gate_gradients(model, params: PyTree, calibration_tokens, *, batch_size: int = 8, progress: bool = False):
   """Per block and calibration batch b, ∂L_b/∂z for a gate z on each MLP neuron and query head's output:
-  Σ w·∂L_b/∂w over its `down_proj` row / `o_proj` rows. Returns {layer: {"mlp"|"heads": (Σ_b, Σ_b ²)}}."""
+  Σ w·∂L_b/∂w over its `down_proj` row / `o_proj` rows. Returns {layer: {"mlp"|"heads": (Σ_b, Σ_b ²)}}
+  (what the "taylor" and "fisher" criteria are made of; pass it to `unit_scores(gates=...)` to reuse)."""
+  cfg = _config(model)
+  calib = np.asarray(calibration_tokens)
   model = Llama(cfg, remat=True)
   from jprune.llm.eval import _nll
 
@@ -162,16 +166,21 @@ def _gate_gradients(cfg, params, calib, batch_size, progress):
 
 
 def unit_scores(model, params: PyTree, calibration_tokens=None, criterion: str = "activation", *,
-                batch_size: int = 8, stats: Optional[dict] = None, progress: bool = False) -> dict:
+                batch_size: int = 8, stats: Optional[dict] = None, gates: Optional[dict] = None,
+                progress: bool = False) -> dict:
   """Importance of every MLP neuron and query head: {"layers_i": {"mlp": (F_i,), "heads": (H_i,)}}, higher =
-  keep (see the module docstring for the criteria). `stats` reuses an `activation_stats` result."""
+  keep (see the module docstring for the criteria). `stats` reuses an `activation_stats` result, `gates` a
+  `gate_gradients` one."""
   cfg = _config(model)
   if criterion not in CRITERIA:
     raise ValueError(f"criterion must be one of {', '.join(CRITERIA)}; got {criterion!r}.")
   dh = cfg.d_head
   out = {}
   if criterion in ("taylor", "fisher"):
-    z = _gate_gradients(cfg, params, np.asarray(calibration_tokens), batch_size, progress)
+    if gates is None and calibration_tokens is None:
+      raise ValueError(f"criterion {criterion!r} needs calibration_tokens.")
+    z = gates if gates is not None else gate_gradients(cfg, params, calibration_tokens, batch_size=batch_size,
+                                                       progress=progress)
     for name, v in z.items():
       out[name] = {k: (np.abs(s) if criterion == "taylor" else sq) for k, (s, sq) in v.items()}
     return out
@@ -402,52 +411,95 @@ def _gram(a):
 
 
 @jax.jit
-def _refit(w, h, keep, percdamp):
-  """Least-squares refit of a kernel's kept input rows: W_K ← (H_KK + λI)⁻¹ H_K: W; removed rows zero."""
+def _cross(a, t):
+  a = a.reshape(-1, a.shape[-1]).astype(jnp.float32)
+  return a.T @ t.reshape(-1, t.shape[-1]).astype(jnp.float32)
+
+
+@jax.jit
+def _solve_kept(h, rhs, keep, percdamp):
+  """Least squares on the kept rows only: W_K ← (H_KK + λI)⁻¹ rhs_K (rhs = Σ aᵀ target); removed rows zero."""
   k = keep.astype(jnp.float32)
   hk = h * k[:, None] * k[None, :]
   lam = percdamp * jnp.sum(jnp.diag(h) * k) / jnp.maximum(jnp.sum(k), 1.0)
   # removed rows get an identity row so the system stays regular; their solution is multiplied by 0 below
   a = hk + jnp.diag(lam * k + (1.0 - k) * (1.0 + lam))
-  rhs = (h * k[:, None]) @ w.astype(jnp.float32)
-  return (jax.scipy.linalg.solve(a, rhs, assume_a="pos") * k[:, None]).astype(w.dtype)
+  return jax.scipy.linalg.solve(a, rhs * k[:, None], assume_a="pos") * k[:, None]
 
 
-def apply_units(model, params: PyTree, units: dict, calibration_tokens=None, *, reconstruct: bool = False,
+def _refit(w, h, keep, percdamp):
+  """Refit of a kernel's kept input rows to the unpruned kernel's output on the same inputs: W_K ← (H_KK + λI)⁻¹
+  H_K: W."""
+  return _solve_kept(h, h @ w.astype(jnp.float32), keep, percdamp).astype(w.dtype)
+
+
+RECONSTRUCT = ("layer", "dense")
+
+
+def apply_units(model, params: PyTree, units: dict, calibration_tokens=None, *, reconstruct=False,
                 batch_size: int = 8, percdamp: float = 0.01, progress: bool = False) -> PyTree:
-  """The params with the removed units zeroed (same shapes). With `reconstruct`, block by block on the
-  calibration tokens through the already-pruned blocks, the kept rows of `o_proj` and `down_proj` are refitted
-  by least squares to the unpruned layer's output on the same inputs."""
+  """The params with the removed units zeroed (same shapes), optionally refitted on calibration tokens.
+
+  `reconstruct`, block by block through the already-pruned blocks (their outputs feed the next block):
+    * "layer" (or True): the kept rows of `o_proj` and `down_proj` are refitted by least squares to what the
+      unpruned layer outputs on the same (pruned-model) inputs: the structured analogue of SparseGPT's update.
+    * "dense": refitted so the block's residual stream matches the *dense model's* at that point, i.e. the
+      target also carries the drift of the blocks before (x_dense − x_pruned + the dense layer's output on the
+      dense model's inputs); a second, dense stream runs alongside.
+  """
   cfg = _config(model)
   _check_units(cfg, units)
+  if reconstruct is True:
+    reconstruct = "layer"
+  if reconstruct and reconstruct not in RECONSTRUCT:
+    raise ValueError(f"reconstruct must be False, True, 'layer' or 'dense'; got {reconstruct!r}.")
   params = flax.core.unfreeze(params)
   masks = param_masks(cfg, params, units)
   out = jax.tree.map(lambda w, m: jnp.where(m, w, jnp.zeros_like(w)), params, masks)
   if not reconstruct:
     return out
   if calibration_tokens is None:
-    raise ValueError("reconstruct=True needs calibration_tokens.")
+    raise ValueError("reconstruct needs calibration_tokens.")
   dh = cfg.d_head
   xs = [jnp.take(params["embed"]["embedding"], b, axis=0) for b in _batches(calibration_tokens, batch_size)]
+  xd = list(xs) if reconstruct == "dense" else None
   from jprune._progress import progress_bar
   for i in progress_bar(range(cfg.n_layers), desc="reconstruct", disable=not progress):
     name = f"layers_{i}"
     u = units[name]
-    if not np.any(u["mlp"]):
-      continue  # a removed block is the identity
     fn, dense, bp = _stages(cfg.layer(i)), params[name], out[name]
-    a = [fn["norm"](dense["attn_norm"], x) for x in xs]
-    mix = [fn["mix"](dense["attn"], x) for x in a]   # kept heads' outputs do not depend on the removed ones
-    del a
+    if xd is not None:   # the dense stream: block outputs and the pieces the targets need
+      ad = [fn["mix"](dense["attn"], fn["norm"](dense["attn_norm"], x)) for x in xd]
+      hd = [fn["o"](dense["attn"], x, m) for x, m in zip(xd, ad)]
+      cd = [fn["hidden"](dense["mlp"], fn["norm"](dense["mlp_norm"], h)) for h in hd]
+      yd = [fn["down"](dense["mlp"], h, c) for h, c in zip(hd, cd)]
+      del ad, cd
+    if not np.any(u["mlp"]):
+      if xd is not None:
+        xd = yd
+      continue  # a removed block is the identity
+    mix = [fn["mix"](dense["attn"], fn["norm"](dense["attn_norm"], x)) for x in xs]  # kept heads do not see the rest
     hmat = sum(_gram(m) for m in mix)
     keep_o = jnp.asarray(np.repeat(u["heads"], dh))
-    bp["attn"]["o_proj"]["kernel"] = _refit(dense["attn"]["o_proj"]["kernel"], hmat, keep_o, percdamp)
+    w_o = dense["attn"]["o_proj"]["kernel"]
+    if xd is None:
+      bp["attn"]["o_proj"]["kernel"] = _refit(w_o, hmat, keep_o, percdamp)
+    else:   # target: h_dense − x_pruned, reached through the kept rows of o_proj
+      rhs = sum(_cross(m, h - x) for m, h, x in zip(mix, hd, xs))
+      bp["attn"]["o_proj"]["kernel"] = _solve_kept(hmat, rhs, keep_o, percdamp).astype(w_o.dtype)
     keep_m = jnp.asarray(keep_o, jnp.float32)[None, None, :]
     hs = [fn["o"](bp["attn"], x, m * keep_m) for x, m in zip(xs, mix)]
+    del mix
     c = [fn["hidden"](dense["mlp"], fn["norm"](dense["mlp_norm"], h)) for h in hs]
     hmat = sum(_gram(v) for v in c)
     keep_f = jnp.asarray(u["mlp"])
-    bp["mlp"]["down_proj"]["kernel"] = _refit(dense["mlp"]["down_proj"]["kernel"], hmat, keep_f, percdamp)
+    w_d = dense["mlp"]["down_proj"]["kernel"]
+    if xd is None:
+      bp["mlp"]["down_proj"]["kernel"] = _refit(w_d, hmat, keep_f, percdamp)
+    else:
+      rhs = sum(_cross(v, y - h) for v, y, h in zip(c, yd, hs))
+      bp["mlp"]["down_proj"]["kernel"] = _solve_kept(hmat, rhs, keep_f, percdamp).astype(w_d.dtype)
+      xd = yd
     xs[:] = [fn["down"](bp["mlp"], h, v * keep_f.astype(v.dtype)[None, None, :]) for h, v in zip(hs, c)]
   return out
 
@@ -497,6 +549,7 @@ def prune_width(model, params: PyTree, calibration_tokens, *, sparsity: Optional
                 mlp: Optional[float] = None, heads: Optional[float] = None, criterion: str = "activation",
                 kinds: Sequence[str] = ("mlp", "heads"), allocation: str = "layer", round_to: int = 8,
                 head_groups: str = "query", blocks: int = 0, reconstruct: bool = False, batch_size: int = 8,
+                scores: Optional[dict] = None, stats: Optional[dict] = None,
                 progress: bool = True) -> WidthPruneResult:
   """Scores, chooses, (optionally) reconstructs and compacts in one call.
 
@@ -511,7 +564,9 @@ def prune_width(model, params: PyTree, calibration_tokens, *, sparsity: Optional
       blocks whole along down_proj's rows, else `save_gguf` stores that tensor as f16).
     head_groups: "query" (equal numbers of query heads per KV group) or "kv" (whole KV groups).
     blocks: remove this many whole blocks first, the lowest Block Influence (counted in `sparsity`).
-    reconstruct: refit `o_proj`/`down_proj` rows by least squares on the calibration set (see `apply_units`).
+    reconstruct: False, "layer" (True) or "dense": least-squares refit of the kept `o_proj`/`down_proj` rows
+      on the calibration set (see `apply_units`).
+    scores, stats: reuse `unit_scores` / `activation_stats` results of these params and calibration tokens.
 
   Returns:
     `WidthPruneResult(config, params, masked_params, masks, units, scores, info)`; `Llama(config)` on `params`
@@ -529,13 +584,13 @@ def prune_width(model, params: PyTree, calibration_tokens, *, sparsity: Optional
     raise ValueError(f"blocks must be an int in [0, {cfg.n_layers}), got {blocks!r}.")
   if criterion not in CRITERIA:
     raise ValueError(f"criterion must be one of {', '.join(CRITERIA)}; got {criterion!r}.")
-  stats = None
-  if criterion in ("activation", "flap") or blocks:
+  if stats is None and ((criterion in ("activation", "flap") and scores is None) or blocks):
     stats = activation_stats(cfg, params, calib, batch_size=batch_size, progress=progress)
   removed = []
   if blocks:
     removed = sorted(np.argsort(block_influence(stats), kind="stable")[:blocks].tolist())
-  scores = unit_scores(cfg, params, calib, criterion, batch_size=batch_size, stats=stats, progress=progress)
+  if scores is None:
+    scores = unit_scores(cfg, params, calib, criterion, batch_size=batch_size, stats=stats, progress=progress)
   units = choose_units(cfg, scores, sparsity=sparsity, mlp=mlp, heads=heads, kinds=kinds, allocation=allocation,
                        round_to=round_to, head_groups=head_groups, removed_blocks=removed,
                        loss_scores=criterion in ("taylor", "fisher"))
