@@ -3,9 +3,11 @@
 Text: the Jargon File. Calibration windows and distillation training windows come from its first half,
 perplexity from its last `--eval-windows` × `--eval-len` tokens (disjoint). One run measures:
   1. every criterion (l2 baseline, activation, flap, taylor, fisher) at 10 / 20 / 30% of the decoder blocks'
-     params removed (MLP neurons, per-layer allocation; fisher also global), perplexity before recovery;
-  2. recovery of the best criterion at 20% by distillation from the dense model for `--distill-minutes`
-     (the L2 baseline too, for as long, when `--baseline-recovery`), perplexity after;
+     params removed (MLP neurons, per-layer allocation; fisher also global), perplexity before recovery, and
+     at 20% also with least-squares reconstruction;
+  2. recovery of the best 20% model by distillation from the dense model (KL + α·LM loss on the training half,
+     α = 0.5 by default) for `--distill-minutes` (the L2 baseline too, for as long, with
+     `--baseline-recovery`), perplexity after;
   3. GGUF exports run by llama.cpp (node-llama-cpp's prebuilt CPU binary): dense f32/f16/q8_0 and the recovered
      compacted model against jprune's perplexity on the same token ids, greedy tokens on 5 prompts, Wanda 50%
      and SparseGPT 2:4 exports;
@@ -41,7 +43,7 @@ def main():
   ap.add_argument("--eval-len", type=int, default=512)
   ap.add_argument("--distill-minutes", type=float, default=30.0)
   ap.add_argument("--distill-lr", type=float, default=3e-4)
-  ap.add_argument("--alpha", type=float, default=0.0)
+  ap.add_argument("--alpha", type=float, default=0.5, help="weight of the LM loss on the training half next to KD")
   ap.add_argument("--baseline-recovery", action="store_true", help="also distil the L2 baseline as long")
   ap.add_argument("--quick", action="store_true", help="fewer cells, 2 minutes of distillation (a smoke run)")
   args = ap.parse_args()
@@ -70,29 +72,29 @@ def main():
   sparsities = (0.2,) if args.quick else (0.1, 0.2, 0.3)
   settings = [(c, "layer") for c in width.CRITERIA] + [("fisher", "global")]
   results = {}
-  for crit, alloc in settings:
-    for s in sparsities:
-      res = width.prune_width(cfg, params, cal, sparsity=s, criterion=crit, kinds=("mlp",), allocation=alloc,
-                              reconstruct=True, scores=scores[crit], stats=stats, progress=False)
-      ppl = llm.perplexity(res.config, res.params, evals, seq_len=args.eval_len)
-      name = f"{crit}-{alloc}-{s:g}"
-      results[name] = res
-      cell = {"name": name, "criterion": crit, "allocation": alloc, "sparsity": s,
-              "removed_fraction_of_blocks": res.info["removed_fraction_of_blocks"],
-              "params_after": res.info["params_after"], "macs_per_token_after": res.info["macs_per_token_after"],
-              "perplexity_before_recovery": ppl}
-      out["cells"].append(cell)
-      print(f"{name:22s} {100 * cell['removed_fraction_of_blocks']:.1f}% of block params: perplexity {ppl:10.2f}",
-            flush=True)
+  cells = [(c, a, s, False) for c, a in settings for s in sparsities] + [(c, a, 0.2, True) for c, a in settings]
+  for crit, alloc, s, rec in cells:
+    res = width.prune_width(cfg, params, cal, sparsity=s, criterion=crit, kinds=("mlp",), allocation=alloc,
+                            reconstruct=rec, scores=scores[crit], stats=stats, progress=False)
+    ppl = llm.perplexity(res.config, res.params, evals, seq_len=args.eval_len)
+    name = f"{crit}-{alloc}-{s:g}" + ("-reconstructed" if rec else "")
+    results[name] = res
+    cell = {"name": name, "criterion": crit, "allocation": alloc, "sparsity": s, "reconstruct": rec,
+            "removed_fraction_of_blocks": res.info["removed_fraction_of_blocks"],
+            "params_after": res.info["params_after"], "macs_per_token_after": res.info["macs_per_token_after"],
+            "perplexity_before_recovery": ppl}
+    out["cells"].append(cell)
+    print(f"{name:34s} {100 * cell['removed_fraction_of_blocks']:.1f}% of block params: perplexity {ppl:10.2f}",
+          flush=True)
   at20 = {c["name"]: c for c in out["cells"] if c["sparsity"] == 0.2}
   best = min((c for c in at20.values() if c["criterion"] != "l2"), key=lambda c: c["perplexity_before_recovery"])
-  l2 = at20["l2-layer-0.2"]
+  l2 = min((c for c in at20.values() if c["criterion"] == "l2"), key=lambda c: c["perplexity_before_recovery"])
   out["best_at_20"] = best["name"]
   out["best_vs_l2_at_20"] = {"best": best["perplexity_before_recovery"], "l2": l2["perplexity_before_recovery"]}
 
   # 2. recovery by distillation
   recovered = {}
-  for name in [best["name"]] + (["l2-layer-0.2"] if args.baseline_recovery else []):
+  for name in [best["name"]] + ([l2["name"]] if args.baseline_recovery else []):
     res = results[name]
     d = distill.distill(res.config, res.params, cfg, params, train, steps=10 ** 6, batch_size=8, lr=args.distill_lr,
                         alpha=args.alpha, warmup=10, max_seconds=60 * args.distill_minutes, log_every=10,
@@ -184,6 +186,8 @@ def _plot(out, path):
   from jprune import report
   curves = {}
   for c in out["cells"]:
+    if c["reconstruct"]:
+      continue
     key = f"{c['criterion']} ({c['allocation']})"
     xs, ys = curves.setdefault(key, ([], []))
     xs.append(100 * c["removed_fraction_of_blocks"])
@@ -192,6 +196,8 @@ def _plot(out, path):
     if "perplexity_after_recovery" in c:
       curves[f"{c['name']} after distillation"] = ([100 * c["removed_fraction_of_blocks"]],
                                                    [c["perplexity_after_recovery"]])
+    if c["reconstruct"]:
+      curves[c["name"]] = ([100 * c["removed_fraction_of_blocks"]], [c["perplexity_before_recovery"]])
   curves = {k: v for k, v in curves.items() if max(v[1]) < 20 * out["dense_perplexity"]}  # l2's blow-ups off-scale
   report.plot_lines(curves, path, xlabel="% of decoder-block params removed", ylabel="perplexity (held-out Jargon)",
                     title="SmolLM2-135M structured pruning", baseline=out["dense_perplexity"])

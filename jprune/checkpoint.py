@@ -298,8 +298,9 @@ def export_sparse(path, params: PyTree, masks: PyTree, *, level: int = 9) -> int
                  "mask_scalar": bool(m) if m.ndim == 0 else None, "n_kept": int(kept.size),
                  "mask_bytes": len(packed), "value_bytes": len(values)})
     blobs += [packed, values]
-  header = json.dumps({"format": "jprune-sparse-1", "leaves": meta}).encode()
-  data = len(header).to_bytes(8, "little") + header + b"".join(blobs)
+  header = json.dumps({"format": "jprune-sparse-2", "leaves": meta}).encode()
+  digest = hashlib.sha256(header).digest()   # a flipped header byte must not rename or reshape a leaf
+  data = len(header).to_bytes(8, "little") + header + digest + b"".join(blobs)
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   _atomic_write(path, data)
@@ -313,34 +314,115 @@ def load_sparse(path, like: Optional[PyTree] = None) -> tuple[PyTree, PyTree]:
   """
   import lzma
   import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
-  raw = Path(path).read_bytes()
-  n = int.from_bytes(raw[:8], "little")
-  header = json.loads(raw[8:8 + n])
-  if header.get("format") != "jprune-sparse-1":
-    raise ValueError(f"{path} is not a jprune sparse export.")
-  off = 8 + n
+  try:
+    raw = Path(path).read_bytes()
+  except OSError as e:
+    raise ValueError(f"{path}: cannot read ({e.strerror or e}).") from None
+  header, off = _sparse_header(path, raw)
+
+  def unpack(blob, n_bytes, what):
+    """lzma-decompress exactly n_bytes (a larger or smaller payload is corruption, never a big allocation)."""
+    try:
+      d = lzma.LZMADecompressor()
+      out = d.decompress(blob, max_length=n_bytes)
+    except lzma.LZMAError as e:
+      raise ValueError(f"{path}: {what} is corrupted ({e}).") from None
+    if len(out) == n_bytes and not d.eof:
+      try:
+        extra = d.decompress(b"", max_length=1)
+      except (lzma.LZMAError, EOFError):
+        extra = b"?"
+      if extra or not d.eof:
+        raise ValueError(f"{path}: {what} holds more than the {n_bytes} bytes the header declares.")
+    if len(out) != n_bytes:
+      raise ValueError(f"{path}: {what} holds {len(out)} bytes, the header declares {n_bytes}.")
+    return out
+
   params, masks = [], []
   for leaf in header["leaves"]:
     mb, vb = leaf["mask_bytes"], leaf["value_bytes"]
     dtype = jnp.dtype(leaf["dtype"])
     shape = tuple(leaf["shape"])
-    values = _unshuffle_bytes(lzma.decompress(raw[off + mb:off + mb + vb]), dtype, leaf["n_kept"])
+    n_kept = leaf["n_kept"]
+    values = unpack(raw[off + mb:off + mb + vb], n_kept * dtype.itemsize, f"the values of {leaf['path']!r}")
+    values = _unshuffle_bytes(values, dtype, n_kept)
     if leaf["mask_scalar"] is not None:
       mask = np.asarray(leaf["mask_scalar"])
       dense = values.reshape(shape)
     else:
       mshape = tuple(leaf["mask_shape"])
-      bits = np.frombuffer(lzma.decompress(raw[off:off + mb]), np.uint8)
-      mask = np.unpackbits(bits, count=int(np.prod(mshape))).astype(bool).reshape(mshape)
+      n_mask = int(np.prod(mshape))
+      bits = np.frombuffer(unpack(raw[off:off + mb], (n_mask + 7) // 8, f"the mask of {leaf['path']!r}"), np.uint8)
+      mask = np.unpackbits(bits, count=n_mask).astype(bool).reshape(mshape)
+      full = np.broadcast_to(mask, shape)
+      if int(full.sum()) != n_kept:
+        raise ValueError(f"{path}: the mask of {leaf['path']!r} keeps {int(full.sum())} entries, the header says "
+                         f"{n_kept}.")
       dense = np.zeros(shape, dtype)
-      dense[np.broadcast_to(mask, shape)] = values
+      dense[full] = values
     off += mb + vb
     params.append(jnp.asarray(dense))
     masks.append(jnp.asarray(mask))
+  paths = [leaf["path"] for leaf in header["leaves"]]
   if like is not None:
+    want = _tree.leaves_with_paths(like)
+    if [p for p, _ in want] != paths:
+      first = next((a, b) for a, b in zip([p for p, _ in want] + [None] * len(paths), paths + [None] * len(want))
+                   if a != b)
+      raise ValueError(f"{path} does not match `like`: first differing path is {first[1]!r} in the file vs "
+                       f"{first[0]!r} in like ({len(paths)} leaves in the file, {len(want)} in like).")
+    for (p, x), got in zip(want, params):
+      if tuple(np.shape(x)) != got.shape or jnp.dtype(x.dtype) != got.dtype:
+        raise ValueError(f"{path}: {p!r} is {got.dtype}{got.shape} in the file but {jnp.dtype(x.dtype)}"
+                         f"{tuple(np.shape(x))} in like.")
     treedef = jax.tree.structure(like)
     return jax.tree.unflatten(treedef, params), jax.tree.unflatten(treedef, masks)
-  return _nest([l["path"] for l in header["leaves"]], params), _nest([l["path"] for l in header["leaves"]], masks)
+  return _nest(paths, params), _nest(paths, masks)
+
+
+def _sparse_header(path, raw: bytes):
+  """(header, offset of the first blob), with every declared size checked against the file before anything
+  is allocated."""
+  if len(raw) < 8:
+    raise ValueError(f"{path} is not a jprune sparse export (only {len(raw)} bytes).")
+  n = int.from_bytes(raw[:8], "little")
+  if n > len(raw) - 8:
+    raise ValueError(f"{path} is not a jprune sparse export, or is truncated (header of {n} bytes declared).")
+  try:
+    header = json.loads(raw[8:8 + n])
+  except (json.JSONDecodeError, UnicodeDecodeError):
+    raise ValueError(f"{path} is not a jprune sparse export (unreadable header).") from None
+  fmt = header.get("format") if isinstance(header, dict) else None
+  if fmt not in ("jprune-sparse-1", "jprune-sparse-2"):
+    raise ValueError(f"{path} is not a jprune sparse export.")
+  off = 8 + n
+  if fmt == "jprune-sparse-2":
+    if raw[off:off + 32] != hashlib.sha256(raw[8:8 + n]).digest():
+      raise ValueError(f"{path}: the header is corrupted (its SHA-256 differs).")
+    off += 32
+  end = off
+  leaves = header.get("leaves")
+  if not isinstance(leaves, list):
+    raise ValueError(f"{path}: the header lists no leaves.")
+  for leaf in leaves:
+    try:
+      shape, mshape = [int(d) for d in leaf["shape"]], [int(d) for d in leaf["mask_shape"]]
+      sizes = (int(leaf["mask_bytes"]), int(leaf["value_bytes"]), int(leaf["n_kept"]))
+      jnp.dtype(leaf["dtype"])
+      str(leaf["path"])
+    except (KeyError, TypeError, ValueError):
+      raise ValueError(f"{path}: a leaf entry of the header is malformed: {str(leaf)[:200]}") from None
+    broadcastable = len(mshape) == len(shape) and all(m in (1, d) for m, d in zip(mshape, shape))
+    scalar = leaf.get("mask_scalar") is not None
+    if (min(shape + mshape + list(sizes), default=0) < 0 or sizes[2] > int(np.prod(shape))
+        or (scalar and sizes[2] != int(np.prod(shape))) or (not scalar and not broadcastable)):
+      raise ValueError(f"{path}: leaf {leaf['path']!r} declares impossible sizes (shape {shape}, mask {mshape}, "
+                       f"{sizes[2]} kept).")
+    end += sizes[0] + sizes[1]
+  if end != len(raw):
+    raise ValueError(f"{path}: the header declares {end} bytes but the file has {len(raw)} (truncated or "
+                     "corrupted).")
+  return header, off
 
 
 def _nest(paths, leaves):

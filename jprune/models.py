@@ -265,27 +265,32 @@ class LlamaConfig:
     return cls(**{**base, **kw})
 
 
+def _at_least_f32(dtype):
+  """float32 for half types, the dtype itself for float32/float64 (so an x64 run computes in float64)."""
+  return jnp.dtype(dtype) if jnp.finfo(dtype).bits >= 32 else jnp.dtype(jnp.float32)
+
+
 class RMSNorm(nn.Module):
   eps: float = 1e-5
 
   @nn.compact
   def __call__(self, x):
     scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
-    x32 = x.astype(jnp.float32)
+    x32 = x.astype(_at_least_f32(x.dtype))
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
     return (y * scale.reshape((1,) * (y.ndim - 1) + (-1,))).astype(x.dtype)
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   """Rotary embedding of (batch, seq, heads, head_dim), in the rotate-half layout of HF's Llama."""
-  d = x.shape[-1]
-  inv = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
-  ang = positions.astype(jnp.float32)[:, None] * inv[None, :]         # (seq, d/2)
+  d, f = x.shape[-1], _at_least_f32(x.dtype)
+  inv = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=f) / d))
+  ang = positions.astype(f)[:, None] * inv[None, :]                   # (seq, d/2)
   cos = jnp.concatenate([jnp.cos(ang)] * 2, -1)[None, :, None, :]
   sin = jnp.concatenate([jnp.sin(ang)] * 2, -1)[None, :, None, :]
   x1, x2 = x[..., : d // 2], x[..., d // 2:]
   rotated = jnp.concatenate([-x2, x1], axis=-1)
-  return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
+  return (x.astype(f) * cos + rotated.astype(f) * sin).astype(x.dtype)
 
 
 class LlamaAttention(nn.Module):
@@ -313,9 +318,10 @@ class LlamaAttention(nn.Module):
     v = self.v_proj(x).reshape(b, t, kv, dh)
     q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
     q = q.reshape(b, t, kv, g, dh)
-    s = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) / jnp.sqrt(jnp.float32(dh))
+    f = _at_least_f32(q.dtype)
+    s = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(f) / jnp.sqrt(jnp.asarray(dh, f))
     causal = positions[:, None] >= positions[None, :]
-    s = jnp.where(causal[None, None, None], s, jnp.float32(-1e30))
+    s = jnp.where(causal[None, None, None], s, jnp.asarray(-1e30, f))
     p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
     return jnp.einsum("bkgts,bskd->btkgd", p, v).reshape(b, t, c.n_heads * dh)
 

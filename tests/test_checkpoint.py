@@ -222,3 +222,38 @@ def test_export_sparse_round_trip_exact(tmp_path, gran):
   assert p3["b"]["kernel"].dtype == jnp.bfloat16
   with pytest.raises(ValueError, match="non-zero pruned entries"):
     jp.export_sparse(tmp_path / "x.jps", params, masks)
+
+
+def test_load_sparse_refuses_corrupted_or_mismatched_files(tmp_path):
+  """#12: a flipped header byte must not rename a leaf; `like` must match; declared sizes are checked against
+  the file before anything is allocated."""
+  params = {"a": {"kernel": jnp.arange(12.0).reshape(3, 4)}, "b": {"kernel": jnp.ones((4, 2))}}
+  masks = jp.topk(params, 0.5)
+  path = tmp_path / "m.jps"
+  jp.export_sparse(path, jp.apply(params, masks), masks)
+  raw = path.read_bytes()
+  i = raw.index(b'"a/kernel"') + 1
+  bad = tmp_path / "flip.jps"
+  bad.write_bytes(raw[:i] + b"A" + raw[i + 1:])              # a/kernel -> A/kernel
+  with pytest.raises(ValueError, match="header is corrupted"):
+    jp.load_sparse(bad)
+  with pytest.raises(ValueError, match="does not match `like`.*'b/kernel' in the file vs None"):
+    jp.load_sparse(path, like={"a": {"kernel": params["a"]["kernel"]}})
+  with pytest.raises(ValueError, match=r"'b/kernel' is float32\(4, 2\) in the file but float32\(2, 4\)"):
+    jp.load_sparse(path, like={"a": params["a"], "b": {"kernel": jnp.ones((2, 4))}})
+  (tmp_path / "cut.jps").write_bytes(raw[:-5])
+  with pytest.raises(ValueError, match="truncated"):
+    jp.load_sparse(tmp_path / "cut.jps")
+  # a header that declares a huge shape (re-hashed, so only the size checks can catch it)
+  import hashlib, json
+  n = int.from_bytes(raw[:8], "little")
+  header = json.loads(raw[8:8 + n])
+  header["leaves"][0]["shape"] = [1 << 20, 1 << 20]
+  h = json.dumps(header).encode()
+  huge = tmp_path / "huge.jps"
+  huge.write_bytes(len(h).to_bytes(8, "little") + h + hashlib.sha256(h).digest() + raw[8 + n + 32:])
+  with pytest.raises(ValueError, match="declares impossible sizes"):
+    jp.load_sparse(huge)
+  (tmp_path / "tiny.jps").write_bytes(b"\x10\x00")
+  with pytest.raises(ValueError, match="not a jprune sparse export"):
+    jp.load_sparse(tmp_path / "tiny.jps")
