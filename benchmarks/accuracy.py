@@ -12,7 +12,6 @@ Run: python benchmarks/accuracy.py [--out runs/accuracy] [--only lenet300|lenet5
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -69,7 +68,6 @@ def _loop(model, params, tx, ds, epochs, seed=0, apply_params=None):
 def extra_rows(out):
   """Activation-based neuron pruning (compacted), STE and RigL at 90% on LeNet-300-100."""
   import jax
-  import optax
   from jprune import structured
   from jprune.models import resize
   cfg = job.RunConfig(model="lenet300", out=os.path.join(out, "lenet300"), progress=True, **RECIPE)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import os
 import tempfile
 from pathlib import Path
@@ -131,6 +132,15 @@ class Manager:
     if not force and step % self.save_every:
       return False
     self._finalize()
+    step_dir = self.directory / str(step)
+    if step_dir.exists() and not (step_dir / MANIFEST).exists():
+      # orbax committed this step but the process died before its manifest was written: the step was never
+      # complete (restore ignores it), so it is replaced instead of blocking every later save of this step
+      self._mngr.reload()
+      if step in self._mngr.all_steps():
+        self._mngr.delete(step)
+      else:
+        shutil.rmtree(step_dir)
     savable = _to_savable(state)
     desc = _describe(savable)
     args = ocp.args.Composite(state=ocp.args.StandardSave(savable),
@@ -174,9 +184,17 @@ class Manager:
       raise CheckpointError(f"checkpoint step {step} in {self.directory} is incomplete or missing "
                             f"(complete steps: {self.all_steps()}).")
     try:
-      return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+      manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
       raise CheckpointError(f"checkpoint step {step}: {path} is corrupted ({e}).") from e
+    except OSError as e:
+      raise CheckpointError(f"checkpoint step {step}: {path} cannot be read ({e.strerror or e}).") from e
+    ok = (isinstance(manifest, dict) and isinstance(manifest.get("files"), dict)
+          and isinstance(manifest.get("tree"), list) and manifest.get("step") == step)
+    if not ok:
+      raise CheckpointError(f"checkpoint step {step}: {path} is not a jprune manifest (expected step, files and "
+                            f"tree); {self._earlier_hint(step)}")
+    return manifest
 
   def verify(self, step: int) -> None:
     """Checks every file of `step` against its recorded SHA-256; raises CheckpointError naming the file."""
@@ -186,13 +204,62 @@ class Manager:
       p = step_dir / rel
       if not p.exists():
         raise CheckpointError(f"checkpoint step {step}: file {p} is missing.")
-      if _hash_file(p) != digest:
+      try:
+        actual = _hash_file(p)
+      except OSError as e:
+        raise CheckpointError(f"checkpoint step {step}: file {p} cannot be read ({e.strerror or e}).") from e
+      if actual != digest:
         raise CheckpointError(f"checkpoint step {step}: file {p} is corrupted (SHA-256 differs from the "
-                              f"manifest); restore an earlier step, e.g. {self._previous(step)}.")
+                              f"manifest); {self._earlier_hint(step)}")
 
   def _previous(self, step):
     earlier = [s for s in self.all_steps() if s < step]
     return earlier[-1] if earlier else None
+
+  def _earlier_hint(self, step) -> str:
+    prev = self._previous(step)
+    if prev is None:
+      return "no earlier complete step exists: remove the folder to start over."
+    return (f"resume from the earlier step {prev} with `jprune checkpoints {self.directory} --keep-up-to {prev}` "
+            f"(sets the later steps aside, deleting nothing).")
+
+  def inspect(self) -> list[tuple[int, str]]:
+    """Every step folder with its state: "ok" (complete, files match the manifest), "incomplete" (no manifest:
+    killed while saving; never restored) or "corrupted: <reason>"."""
+    self._finalize()
+    steps = sorted(int(p.name) for p in self.directory.iterdir() if p.is_dir() and p.name.isdigit())
+    out = []
+    for step in steps:
+      if not (self.directory / str(step) / MANIFEST).exists():
+        out.append((step, "incomplete"))
+        continue
+      try:
+        self._manifest(step)
+        self.verify(step)
+        out.append((step, "ok"))
+      except CheckpointError as e:
+        out.append((step, "corrupted: " + str(e).split(": ", 1)[-1].split("; ")[0]))
+    return out
+
+  def set_aside(self, keep_up_to: int) -> Path:
+    """Moves every step after `keep_up_to` into `<directory>.set-aside/` (nothing is deleted), so the next
+    `restore()` / resumed run starts from `keep_up_to`; returns that folder."""
+    keep_up_to = int(keep_up_to)
+    self._finalize()
+    if keep_up_to not in [s for s, state in self.inspect() if state == "ok"]:
+      raise CheckpointError(f"step {keep_up_to} is not a complete, verified checkpoint in {self.directory} "
+                            f"(steps: {self.inspect()}).")
+    aside = self.directory.with_name(self.directory.name + ".set-aside")
+    for step, _ in self.inspect():
+      if step > keep_up_to:
+        aside.mkdir(exist_ok=True)
+        target = aside / str(step)
+        n = 1
+        while target.exists():
+          target, n = aside / f"{step}.{n}", n + 1
+        os.replace(self.directory / str(step), target)
+    self._mngr.reload()
+    return aside
 
   # -------------------------------------------------------------------------------------------- restoring
   def restore(self, step: Optional[int] = None, *, like: PyTree, verify: bool = True) -> PyTree:

@@ -6,7 +6,6 @@ Bad arguments and missing data give one line on stderr and a non-zero exit, neve
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -113,7 +112,43 @@ def build_parser() -> argparse.ArgumentParser:
   st.add_argument("--distill-lr", type=float, default=2e-4)
   st.add_argument("--alpha", type=float, default=0.0, help="weight of the plain LM loss next to distillation")
   lm.add_argument("--no-progress", action="store_true")
+  ck = sub.add_parser("checkpoints", help="list and verify the checkpoints of a run; set later steps aside")
+  ck.add_argument("path", help="a run's --out folder or one checkpoint folder in it (e.g. runs/main/dense-...)")
+  ck.add_argument("--keep-up-to", type=int, default=None,
+                  help="move every step after this one into <folder>.set-aside/ so the next run resumes from it")
   return parser
+
+
+def _checkpoint_dirs(path: str) -> list:
+  from pathlib import Path
+  root = Path(path)
+  if not root.is_dir():
+    raise ValueError(f"{path} is not a folder (expected a run's --out folder or a checkpoint folder in it).")
+  def is_ckpt(d):
+    return any(c.is_dir() and c.name.isdigit() for c in d.iterdir())
+  if is_ckpt(root):
+    return [root]
+  dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.endswith(".set-aside") and is_ckpt(d))
+  if not dirs:
+    raise ValueError(f"{path} holds no checkpoints (no numbered step folders in it or its subfolders).")
+  return dirs
+
+
+def _checkpoints(args) -> None:
+  from jprune.checkpoint import Manager
+  dirs = _checkpoint_dirs(args.path)
+  if args.keep_up_to is not None:
+    if len(dirs) != 1:
+      raise ValueError(f"--keep-up-to needs one checkpoint folder; {args.path} holds {len(dirs)}: "
+                       f"{', '.join(d.name for d in dirs)}.")
+    with Manager(dirs[0]) as m:
+      aside = m.set_aside(args.keep_up_to)
+    print(f"{dirs[0]}: later steps moved to {aside}; the next run resumes from step {args.keep_up_to}.")
+  for d in dirs:
+    with Manager(d) as m:
+      print(f"{d}:")
+      for step, state in m.inspect():
+        print(f"  {step:>8}  {state}")
 
 
 def _llm(args) -> None:
@@ -170,12 +205,18 @@ def _llm_structured(args, text) -> None:
 
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
-  if args.no_progress:
+  if getattr(args, "no_progress", False):
     os.environ["JPRUNE_NO_PROGRESS"] = "1"
-  if args.command == "llm":
+  if args.command in ("llm", "checkpoints"):
+    from jprune.checkpoint import CheckpointError
     try:
-      _llm(args)
-    except (ValueError, TypeError, FileNotFoundError, OSError) as e:
+      _llm(args) if args.command == "llm" else _checkpoints(args)
+    except ImportError as e:   # gguf / tokenizers missing: jprune's own message, or the missing module's name
+      msg = (f"the {e.name!r} package is missing: pip install 'jprune[llm]'." if isinstance(e, ModuleNotFoundError)
+             else str(e))
+      print(f"jprune: error: {msg}", file=sys.stderr)
+      return 1
+    except (ValueError, OSError, CheckpointError) as e:
       print(f"jprune: error: {e}", file=sys.stderr)
       return 1
     return 0
@@ -187,7 +228,6 @@ def main(argv=None) -> int:
     job.validate(cfg)
     if args.command == "run":
       m = job.run(cfg)
-      import jprune as jp
       print()
       print(_summary_table(m))
       print(f"\ndense top-1 {100 * m['dense']['top1']:.2f}% | pruned ({m['sparsity']:.1%} sparse) top-1 "
@@ -206,7 +246,7 @@ def main(argv=None) -> int:
         raise ValueError(f"--target must be in [0, 1), got {args.target}.")
       res = job.sensitivity(cfg, grid=tuple(args.grid), target=args.target, allocation_path=args.write_allocation)
       print(json.dumps({k: v for k, v in res.items() if k != "accuracy"}, indent=1))
-  except (ValueError, TypeError, DataError, CheckpointError) as e:
+  except (ValueError, DataError, CheckpointError, OSError) as e:
     print(f"jprune: error: {e}", file=sys.stderr)
     return 1
   except KeyboardInterrupt:

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import functools
 import gzip
+import hashlib
 import os
 import struct
+import zlib
 from pathlib import Path
 from typing import Iterator, NamedTuple, Optional
 
@@ -31,29 +33,66 @@ class DataError(RuntimeError):
 
 
 def read_idx(path) -> np.ndarray:
-  """Reads an IDX file (optionally gzip-compressed) into a numpy array."""
+  """Reads an IDX file (optionally gzip-compressed) into a numpy array; a DataError names a cut or foreign file."""
   path = Path(path)
   opener = gzip.open if path.suffix == ".gz" else open
-  with opener(path, "rb") as f:
-    data = f.read()
+  try:
+    with opener(path, "rb") as f:
+      data = f.read()
+  except (EOFError, OSError, zlib.error) as e:
+    raise DataError(f"{path} cannot be read: {type(e).__name__}: {e or 'cut short'}.") from None
+  if len(data) < 4:
+    raise DataError(f"{path} is not an IDX file ({len(data)} bytes).")
   zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
-  if zero != 0 or dtype_code != 0x08:
+  if zero != 0 or dtype_code != 0x08 or not 1 <= ndim <= 4 or len(data) < 4 + 4 * ndim:
     raise DataError(f"{path} is not an unsigned-byte IDX file.")
   shape = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
+  expected = 4 + 4 * ndim + int(np.prod(shape, dtype=np.int64))
+  if len(data) != expected:
+    raise DataError(f"{path} declares shape {shape} ({expected:,} bytes) but holds {len(data):,} bytes: "
+                    f"the file is cut short or corrupted.")
   return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
 def find_manual_dir(data_dir: Optional[str] = None) -> Path:
-  """The folder holding the four Fashion-MNIST IDX files, or a DataError saying how to get them."""
-  candidates = [data_dir] if data_dir else [os.environ.get(ENV_DATA_DIR), DEFAULT_MANUAL_DIR]
-  for c in candidates:
-    if c and all((Path(c) / f).exists() or (Path(c) / f[:-3]).exists() for pair in FILES.values() for f in pair):
-      return Path(c)
-  tried = [c for c in candidates if c]
+  """The folder holding the four Fashion-MNIST IDX files, or a DataError saying how to get them.
+
+  `data_dir` wins, then ${ENV_DATA_DIR}; only when neither is given is Debian's folder used. A folder that is
+  named but lacks the files is an error, never a silent fallback to another folder.
+  """
+  env = os.environ.get(ENV_DATA_DIR)
+  chosen, how = (data_dir, "--data-dir") if data_dir else (env, ENV_DATA_DIR) if env else (DEFAULT_MANUAL_DIR, None)
+  missing = [f for pair in FILES.values() for f in pair
+             if not (Path(chosen) / f).exists() and not (Path(chosen) / f[:-3]).exists()]
+  if not missing:
+    return Path(chosen)
+  if how:
+    raise DataError(f"{how} {chosen}: Fashion-MNIST IDX file(s) {', '.join(missing)} not found there.")
   raise DataError(
-      f"Fashion-MNIST IDX files not found (looked in {', '.join(tried)}). Install them with "
+      f"Fashion-MNIST IDX files not found (looked in {chosen}). Install them with "
       f"`apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or pass --data-dir / set {ENV_DATA_DIR} to a "
       f"folder with {', '.join(f for pair in FILES.values() for f in pair)}.")
+
+
+def _manual_digest(folder: Path) -> str:
+  """SHA-256 over the four IDX files' bytes (what the prepared tfds copy is keyed by)."""
+  h = hashlib.sha256()
+  for split, (im, lb) in FILES.items():
+    for name in (im, lb):
+      p = _idx_path(folder, name)
+      h.update(f"{split}/{p.name}\0".encode())
+      with open(p, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+          h.update(chunk)
+  return h.hexdigest()
+
+
+def _check_pairs(folder: Path) -> None:
+  for split, (im, lb) in FILES.items():
+    x, y = read_idx(_idx_path(folder, im)), read_idx(_idx_path(folder, lb))
+    if x.ndim != 3 or x.shape[1:] != (28, 28) or y.ndim != 1 or len(x) != len(y) or len(x) == 0:
+      raise DataError(f"{folder}: {split} images {x.shape} and labels {y.shape} do not form a Fashion-MNIST "
+                      f"split (N×28×28 images, N labels, N > 0).")
 
 
 def _idx_path(folder: Path, name: str) -> Path:
@@ -130,18 +169,28 @@ def load(name: str = "fashion_mnist", *, data_dir: Optional[str] = None, cache_d
       /usr/share/datasets/fashion-mnist).
     cache_dir: where tfds writes prepared array_record files (default $TFDS_DATA_DIR or ~/tensorflow_datasets).
     limit: keep only the first `limit` examples of each split (for quick runs).
+
+  The prepared copy of local IDX files lives under `cache_dir/jprune_fashion_mnist/<sha256 of the files>`, so
+  other files (another --data-dir, an edited file) are prepared anew, never answered from an older copy.
   """
   import tensorflow_datasets as tfds
+  if os.environ.get("JPRUNE_NO_PROGRESS"):   # --no-progress covers tfds's preparation bars too
+    tfds.disable_progress_bar()
+  if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 1):
+    raise DataError(f"limit must be a positive number of examples per split, got {limit!r}.")
   cache = tfds_dir(cache_dir)
   if name == "fashion_mnist":
+    explicit = data_dir or os.environ.get(ENV_DATA_DIR)
     try:
       manual = find_manual_dir(data_dir)
     except DataError:
-      if data_dir is not None:
+      if explicit:
         raise
       manual = None
     if manual is not None:
-      builder = _builder_class()(data_dir=cache, file_format="array_record")
+      _check_pairs(manual)
+      keyed = os.path.join(cache, "jprune_fashion_mnist", _manual_digest(manual)[:16])
+      builder = _builder_class()(data_dir=keyed, file_format="array_record")
       builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
     else:
       builder = _tfds_builder(name, cache)
@@ -163,6 +212,10 @@ def _tfds_builder(name, cache):
   import tensorflow_datasets as tfds
   try:
     builder = tfds.builder(name, data_dir=cache, file_format="array_record")
+  except tfds.core.registered.DatasetNotFoundError:
+    raise DataError(f"unknown dataset {name!r}: use fashion_mnist (offline, Debian's files or --data-dir) or a "
+                    f"tensorflow-datasets image-classification name such as mnist or cifar10.") from None
+  try:
     builder.download_and_prepare()
     return builder
   except Exception as e:  # network or missing-package failures: one clear line
@@ -188,3 +241,13 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
 def eval_batches(x, y, batch_size: int = 1000):
   for i in range(0, len(x), batch_size):
     yield x[i:i + batch_size], y[i:i + batch_size]
+
+
+def fingerprint(ds: Dataset) -> str:
+  """SHA-256 over a dataset's arrays (shapes, dtypes and bytes): what a run's identity records of its data."""
+  h = hashlib.sha256()
+  for a in (ds.x_train, ds.y_train, ds.x_test, ds.y_test):
+    a = np.ascontiguousarray(a)
+    h.update(f"{a.dtype.str}{a.shape}".encode())
+    h.update(memoryview(a).cast("B"))
+  return h.hexdigest()

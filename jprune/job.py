@@ -7,6 +7,7 @@ criteria × sparsities grid, caching each cell; `sensitivity` prunes one layer a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -59,11 +60,49 @@ class RunConfig:
   save_every: int = 200
   compact: bool = False
 
-  def prune_tag(self) -> str:
-    keys = ("criterion", "sparsity", "schedule", "scope", "granularity", "distribution", "allocation", "model",
-            "finetune_epochs", "finetune_lr", "distill", "calib_batches")
-    blob = json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True)
-    return f"{self.criterion}-{self.schedule}-{self.sparsity:g}-" + hashlib.sha1(blob.encode()).hexdigest()[:8]
+  def dense_identity(self, data_fingerprint: str) -> dict:
+    """Everything that decides the dense model: a checkpoint is reused only when all of it matches."""
+    return {"format": 1, "model": self.model, "dataset": self.dataset, "data": data_fingerprint,
+            "limit": self.limit, "epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr,
+            "weight_decay": self.weight_decay, "seed": self.seed}
+
+  def prune_identity(self, data_fingerprint: str) -> dict:
+    """Everything that decides the pruned model (the dense model's identity included; the allocation by content)."""
+    keys = ("criterion", "sparsity", "schedule", "scope", "granularity", "distribution", "finetune_epochs",
+            "finetune_lr", "distill", "calib_batches")
+    return {"dense": self.dense_identity(data_fingerprint), "allocation": _allocation_content(self.allocation),
+            **{k: getattr(self, k) for k in keys}}
+
+  def dense_dir(self, data_fingerprint: str) -> str:
+    return os.path.join(self.out, "dense-" + _digest(self.dense_identity(data_fingerprint)))
+
+  def prune_tag(self, data_fingerprint: str = "") -> str:
+    return (f"{self.criterion}-{self.schedule}-{self.sparsity:g}-"
+            + _digest(self.prune_identity(data_fingerprint)))
+
+
+def _digest(identity: dict) -> str:
+  return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _allocation_content(path: Optional[str]):
+  """The allocation file's mapping (its content, not its path, is part of a run's identity)."""
+  if not path:
+    return None
+  try:
+    with open(path) as f:
+      mapping = json.load(f)
+  except OSError as e:
+    raise ValueError(f"--allocation {path}: cannot be read ({e.strerror or e}).") from None
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"--allocation {path}: not JSON ({e}).") from None
+  ok = isinstance(mapping, dict) and mapping and all(
+      isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1
+      for k, v in mapping.items())
+  if not ok:
+    raise ValueError(f"--allocation {path}: expected a JSON object {{regex: sparsity in [0, 1)}}, as written by "
+                     f"`jprune sensitivity --target`.")
+  return mapping
 
 
 def validate(cfg: RunConfig) -> None:
@@ -82,9 +121,66 @@ def validate(cfg: RunConfig) -> None:
   if cfg.distribution not in ("uniform", "erk") and not cfg.allocation:
     raise ValueError(f"unknown distribution {cfg.distribution!r}; choose uniform or erk (or --allocation FILE).")
   if cfg.epochs < 0 or cfg.finetune_epochs < 0:
-    raise ValueError("epochs must be >= 0.")
+    raise ValueError(f"--epochs and --finetune-epochs must be >= 0, got {cfg.epochs} and {cfg.finetune_epochs}.")
+  for name in ("batch_size", "save_every", "calib_batches"):
+    if getattr(cfg, name) < 1:
+      raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}.")
+  if cfg.limit is not None and cfg.limit < 1:
+    raise ValueError(f"--limit must be >= 1 examples per split, got {cfg.limit}.")
+  for name in ("lr", "finetune_lr"):
+    if not math.isfinite(getattr(cfg, name)) or getattr(cfg, name) <= 0:
+      raise ValueError(f"--{name.replace('_', '-')} must be a positive number, got {getattr(cfg, name)}.")
+  if cfg.finetune_epochs == 0 and cfg.schedule != "one-shot" and cfg.sparsity > 0:
+    raise ValueError(f"--finetune-epochs 0 with --schedule {cfg.schedule} would prune nothing (that schedule "
+                     f"prunes during fine-tuning); use --schedule one-shot to prune without fine-tuning.")
+  _allocation_content(cfg.allocation)
+  _check_out(cfg.out)
   if cfg.compact and jp.masks.parse_granularity(cfg.granularity).kind != "neurons":
     raise ValueError("--compact removes whole neurons/channels: use it with --granularity neurons.")
+
+
+def _check_out(out: str) -> None:
+  p = Path(out)
+  for parent in [p, *p.parents]:
+    if parent.exists() and not parent.is_dir():
+      raise ValueError(f"--out {out}: {parent} is a file, not a folder.")
+    if parent.exists():
+      break
+  try:
+    p.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise ValueError(f"--out {out}: cannot create the folder ({e.strerror or e}).") from None
+  if not os.access(p, os.W_OK | os.X_OK):
+    raise ValueError(f"--out {out}: the folder is not writable.")
+
+
+@contextlib.contextmanager
+def _locked(out: str):
+  """Holds an exclusive lock on `out` for the whole job: a second job on the same folder fails at once."""
+  import fcntl
+  Path(out).mkdir(parents=True, exist_ok=True)
+  f = open(Path(out) / ".jprune.lock", "a+")
+  try:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      f.seek(0)
+      holder = f.read().strip() or "another process"
+      raise ValueError(f"--out {out} is in use by another jprune job ({holder}); wait for it to finish or use "
+                       f"another --out.") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()}")
+    f.flush()
+    yield
+  finally:
+    f.close()
+
+
+def _check_data(cfg: RunConfig, ds: _data.Dataset) -> None:
+  if cfg.batch_size > len(ds.x_train):
+    raise ValueError(f"--batch-size {cfg.batch_size} is larger than the {len(ds.x_train)} training examples: "
+                     f"no step would run.")
 
 
 def criterion_of(name: str, for_training: bool) -> jp.Criterion:
@@ -96,8 +192,7 @@ def criterion_of(name: str, for_training: bool) -> jp.Criterion:
 
 def _distribution(cfg: RunConfig):
   if cfg.allocation:
-    with open(cfg.allocation) as f:
-      return jp.by_path(json.load(f))
+    return jp.by_path(_allocation_content(cfg.allocation))
   return jp.erk() if cfg.distribution == "erk" else None
 
 
@@ -112,11 +207,19 @@ def _adam(lr, wd, steps):
 
 
 def load_data(cfg: RunConfig) -> _data.Dataset:
-  return _data.load(cfg.dataset, data_dir=cfg.data_dir, limit=cfg.limit)
+  ds = _data.load(cfg.dataset, data_dir=cfg.data_dir, limit=cfg.limit)
+  _check_data(cfg, ds)
+  return ds
 
 
 def train_dense(cfg: RunConfig, ds: _data.Dataset, model):
-  """Trains (or resumes, or loads) the dense model under out/dense; returns (state, history)."""
+  """Trains (or resumes, or loads) the dense model under out/dense-<identity>; returns (state, history).
+
+  The folder is named by the digest of everything that decides the dense model (`RunConfig.dense_identity`:
+  model, data content, limit, epochs, batch size, lr, weight decay, seed), so another setting trains anew in its own
+  folder and the same settings resume or reuse; the identity is also stored with each checkpoint and checked.
+  """
+  fp = _data.fingerprint(ds)
   variables = _train.init_variables(model, ds.x_train, cfg.seed)
   steps = cfg.epochs * _data.steps_per_epoch(len(ds.x_train), cfg.batch_size)
   tx = _adam(cfg.lr, cfg.weight_decay, steps)
@@ -124,8 +227,9 @@ def train_dense(cfg: RunConfig, ds: _data.Dataset, model):
   if "batch_stats" in variables:
     state["batch_stats"] = variables["batch_stats"]
   return _train.fit(model, state, tx, ds, epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed,
-                    ckpt_dir=os.path.join(cfg.out, "dense"), desc="dense", progress=cfg.progress,
-                    save_every=cfg.save_every, metadata={"phase": "dense", "model": cfg.model})
+                    ckpt_dir=cfg.dense_dir(fp), desc="dense", progress=cfg.progress,
+                    save_every=cfg.save_every, metadata={"phase": "dense", "model": cfg.model},
+                    identity=cfg.dense_identity(fp))
 
 
 def _where_for(gran, params):
@@ -202,7 +306,8 @@ def prune_and_finetune(cfg: RunConfig, ds, model, dense_state) -> dict:
   if stats:
     state["batch_stats"] = stats
   teacher = (dense_state["params"], stats) if cfg.distill else None
-  ckpt = os.path.join(cfg.out, f"prune-{cfg.prune_tag()}")
+  fp = _data.fingerprint(ds)
+  ckpt = os.path.join(cfg.out, f"prune-{cfg.prune_tag(fp)}")
 
   def on_epoch(st):
     return {"sparsity": float(jp.sparsity(jp.masks_of(st["opt"]), st["params"]))}
@@ -210,7 +315,8 @@ def prune_and_finetune(cfg: RunConfig, ds, model, dense_state) -> dict:
   state, history = _train.fit(model, state, tx, ds, epochs=cfg.finetune_epochs, batch_size=cfg.batch_size,
                               seed=cfg.seed + 7, ckpt_dir=ckpt, desc="prune+finetune", progress=cfg.progress,
                               teacher=teacher, save_every=cfg.save_every, on_epoch=on_epoch,
-                              metadata={"phase": "prune", "config": dataclasses.asdict(cfg)})
+                              metadata={"phase": "prune", "config": dataclasses.asdict(cfg)},
+                              identity=cfg.prune_identity(fp))
   masks = jp.masks_of(state["opt"])
   if scores is None:  # scores of the trained criterion state; weight-only criteria on the dense weights
     crit = criterion_of(cfg.criterion, for_training=True)
@@ -229,11 +335,18 @@ def _groups(model, params, stats, ds):
 
 
 def run(cfg: RunConfig, ds: Optional[_data.Dataset] = None, dense=None) -> dict:
-  """The whole job; returns the metrics it writes to out/metrics.json."""
+  """The whole job; returns the metrics it writes to out/metrics.json (one job per `out` at a time)."""
   validate(cfg)
+  with _locked(cfg.out):
+    return _run(cfg, ds, dense)
+
+
+def _run(cfg: RunConfig, ds, dense) -> dict:
   out = Path(cfg.out)
-  out.mkdir(parents=True, exist_ok=True)
-  ds = ds if ds is not None else load_data(cfg)
+  if ds is None:
+    ds = load_data(cfg)
+  else:
+    _check_data(cfg, ds)
   model = _model_for(cfg, ds)
   dense_state, dense_hist = dense if dense is not None else train_dense(cfg, ds, model)
   dense_eval = _train.evaluate(model, dense_state["params"], dense_state.get("batch_stats"), ds.x_test, ds.y_test)
@@ -268,8 +381,9 @@ def run(cfg: RunConfig, ds: Optional[_data.Dataset] = None, dense=None) -> dict:
       "history": {"dense": dense_hist, "finetune": res["history"]},
       "summary": summ.to_dict(),
   }
-  with open(out / "metrics.json", "w") as f:
-    json.dump(metrics, f, indent=1, default=float)
+  tmp = out / "metrics.json.tmp"
+  tmp.write_text(json.dumps(metrics, indent=1, default=float))
+  os.replace(tmp, out / "metrics.json")
   _report.plot_sparsity(st["params"], masks, str(out / "sparsity.png"))
   _report.plot_curves({"dense": dense_hist, "prune + fine-tune": res["history"]}, str(out / "curves.png"))
   _report.plot_score_histograms(res["scores"], masks, str(out / "scores.png"))
@@ -371,10 +485,21 @@ def sweep(cfg: RunConfig, criteria, sparsities) -> dict:
     validate(dataclasses.replace(cfg, criterion=c))
   for s in sparsities:
     validate(dataclasses.replace(cfg, sparsity=s))
+  with _locked(cfg.out):
+    return _sweep(cfg, criteria, sparsities)
+
+
+def _sweep(cfg: RunConfig, criteria, sparsities) -> dict:
   out = Path(cfg.out)
-  out.mkdir(parents=True, exist_ok=True)
-  cache_path = out / "sweep.json"
-  cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+  # every cell ever computed here, keyed by its prune tag (the digest of everything that decides it): a cell is
+  # reused only when all of that matches; sweep.json holds this sweep's cells keyed "criterion@sparsity"
+  cache_path = out / "sweep-cache.json"
+  try:
+    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+  except (json.JSONDecodeError, UnicodeDecodeError):
+    cache = {}   # a damaged cache only costs recomputation
+  if not isinstance(cache, dict):
+    cache = {}
   ds = load_data(cfg)
   model = _model_for(cfg, ds)
   dense_state, dense_hist = train_dense(cfg, ds, model)
@@ -382,8 +507,10 @@ def sweep(cfg: RunConfig, criteria, sparsities) -> dict:
                               ds.y_test)["top1"]
   from jprune._progress import progress_bar
   cells = [(c, s) for c in criteria for s in sparsities]
+  fp = _data.fingerprint(ds)
+  tags = {(c, s): dataclasses.replace(cfg, criterion=c, sparsity=s).prune_tag(fp) for c, s in cells}
   for c, s in progress_bar(cells, desc="sweep", disable=not cfg.progress):
-    key = f"{c}@{s:g}"
+    key = tags[c, s]
     if key in cache:
       continue
     sub = dataclasses.replace(cfg, criterion=c, sparsity=s, progress=False)
@@ -394,15 +521,20 @@ def sweep(cfg: RunConfig, criteria, sparsities) -> dict:
     tmp = cache_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(cache, indent=1))
     os.replace(tmp, cache_path)
-  curves = {c: ([s for s in sparsities], [100 * cache[f"{c}@{s:g}"]["top1"] for s in sparsities]) for c in criteria}
+  cells_out = {f"{c}@{s:g}": cache[tags[c, s]] for c, s in cells}
+  tmp = out / "sweep.json.tmp"
+  tmp.write_text(json.dumps(cells_out, indent=1))
+  os.replace(tmp, out / "sweep.json")
+  curves = {c: ([s for s in sparsities], [100 * cells_out[f"{c}@{s:g}"]["top1"] for s in sparsities])
+            for c in criteria}
   _report.plot_lines(curves, str(out / "sweep.png"), xlabel="sparsity", ylabel="test top-1 (%)",
                      title=f"{cfg.model}: accuracy vs sparsity ({cfg.schedule})", baseline=100 * dense_acc)
   table = "| criterion | " + " | ".join(f"{s:.0%}" for s in sparsities) + " |\n|---|" + "---:|" * len(sparsities) + "\n"
   for c in criteria:
-    table += f"| {c} | " + " | ".join(f"{100 * cache[f'{c}@{s:g}']['top1']:.2f}%" for s in sparsities) + " |\n"
+    table += f"| {c} | " + " | ".join(f"{100 * cells_out[f'{c}@{s:g}']['top1']:.2f}%" for s in sparsities) + " |\n"
   (out / "sweep.md").write_text(f"# sweep: {cfg.model}, {cfg.schedule}, dense top-1 {100 * dense_acc:.2f}%\n\n"
                                 f"{table}\n![sweep](sweep.png)\n")
-  return {"dense_top1": dense_acc, "cells": cache, "table": table}
+  return {"dense_top1": dense_acc, "cells": cells_out, "table": table}
 
 
 # ------------------------------------------------------------------------------------------------ sensitivity
@@ -414,8 +546,12 @@ def sensitivity(cfg: RunConfig, grid=(0.5, 0.7, 0.8, 0.9, 0.95, 0.98), target: O
   until the overall sparsity over the selected layers reaches `target`, and writes the `by_path` allocation.
   """
   validate(cfg)
+  with _locked(cfg.out):
+    return _sensitivity(cfg, grid, target, allocation_path)
+
+
+def _sensitivity(cfg, grid, target, allocation_path) -> dict:
   out = Path(cfg.out)
-  out.mkdir(parents=True, exist_ok=True)
   ds = load_data(cfg)
   model = _model_for(cfg, ds)
   dense_state, _ = train_dense(cfg, ds, model)

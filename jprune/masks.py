@@ -13,7 +13,6 @@ broken by leaf order, then row-major index.
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple, Optional, Sequence
 
 import jax

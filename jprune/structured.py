@@ -294,9 +294,9 @@ class _Tracer:
           pb *= b[j2]
           j2 += 1
       if i2 - i == 1:    # one input axis split into several output axes
-        merged, parts, mv, pv = src, list(range(j, j2)), (src, i), out
+        parts, mv, pv = list(range(j, j2)), (src, i), out
       elif j2 - j == 1:  # several input axes merged into one output axis
-        merged, parts, mv, pv = out, list(range(i, i2)), (out, j), src
+        parts, mv, pv = list(range(i, i2)), (out, j), src
       else:
         for v, rng in ((src, range(i, i2)), (out, range(j, j2))):
           for d in rng:

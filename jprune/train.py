@@ -6,6 +6,7 @@ position, so a run restored from a checkpoint continues with exactly the batches
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any, Callable, Optional
 
@@ -85,8 +86,11 @@ def evaluate(model, params, batch_stats, x, y, batch_size: int = 1000, noise: fl
 def fit(model, state: dict, tx, ds: _data.Dataset, *, epochs: int, batch_size: int, seed: int,
         ckpt_dir: Optional[str] = None, save_every: int = 200, desc: str = "train", progress: bool = True,
         teacher=None, history: Optional[list] = None, on_epoch: Optional[Callable] = None,
-        metadata: Optional[dict] = None) -> tuple[dict, list]:
+        metadata: Optional[dict] = None, identity: Optional[dict] = None) -> tuple[dict, list]:
   """Trains `state` for `epochs` over `ds`, resuming from `ckpt_dir` when it holds a checkpoint.
+
+  `identity` (JSON-able) is saved with every checkpoint; resuming from a checkpoint saved with another identity
+  raises CheckpointError naming the settings that differ, so nothing is silently reused.
 
   Checkpoints every `save_every` steps and at each epoch end (atomic; see `jprune.checkpoint`). Returns the final
   state and the per-epoch history (train loss, test accuracy), which is saved with every checkpoint.
@@ -95,7 +99,18 @@ def fit(model, state: dict, tx, ds: _data.Dataset, *, epochs: int, batch_size: i
   steps_per_epoch = _data.steps_per_epoch(len(ds.x_train), batch_size)
   total = epochs * steps_per_epoch
   mngr = _checkpoint.Manager(ckpt_dir, max_to_keep=2) if ckpt_dir else None
+  if identity is not None:
+    identity = json.loads(json.dumps(identity, default=str))   # as it reads back from the checkpoint
+    metadata = dict(metadata or {}, identity=identity)
   if mngr is not None and mngr.latest_step() is not None:
+    if identity is not None:
+      saved = mngr.metadata().get("identity")
+      if saved != identity:
+        mngr.close()
+        differ = sorted(k for k in set(identity) | set(saved or {}) if (saved or {}).get(k) != identity.get(k))
+        raise _checkpoint.CheckpointError(
+            f"{ckpt_dir} holds checkpoints of another run (differs in: {', '.join(differ) or 'format'}); "
+            f"nothing was resumed: use another --out or remove that folder.")
     state = mngr.restore(like=jax.eval_shape(lambda s: s, state))
     history = list(mngr.metadata().get("history", []))
   step_fn = make_step(model, tx, teacher=teacher)

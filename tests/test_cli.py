@@ -102,7 +102,7 @@ def test_killed_run_resumes_to_the_same_result(idx_dir, tmp_path):
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
   deadline = time.time() + 300
   while time.time() < deadline:  # kill once a mid-training checkpoint of the dense phase is complete
-    steps = [p for p in (out / "dense").glob("*/jprune_manifest.json")] if (out / "dense").exists() else []
+    steps = list(out.glob("dense-*/*/jprune_manifest.json"))
     if steps:
       proc.send_signal(signal.SIGKILL)
       break
@@ -148,16 +148,17 @@ def test_sweep_and_sensitivity(idx_dir, tmp_path):
   out = tmp_path / "sw"
   base = ["--data-dir", str(idx_dir), "--epochs", "1", "--finetune-epochs", "1", "--batch-size", "64",
           "--limit", "320", "--out", str(out)]
-  jprune(["sweep", *base, "--criteria", "magnitude,random", "--sparsities", "0.5,0.9"], tmp_path)
+  jprune(["sweep", *base, "--criteria", "magnitude,random", "--sparsities", "0.5"], tmp_path)
   cells = json.loads((out / "sweep.json").read_text())
-  assert set(cells) == {"magnitude@0.5", "magnitude@0.9", "random@0.5", "random@0.9"}
+  assert set(cells) == {"magnitude@0.5", "random@0.5"}
   assert (out / "sweep.png").exists()
   # cached: a second sweep with one more sparsity only computes the new cells
   before = {k: v["top1"] for k, v in cells.items()}
-  jprune(["sweep", *base, "--criteria", "magnitude,random", "--sparsities", "0.5,0.9,0.95"], tmp_path)
+  jprune(["sweep", *base, "--criteria", "magnitude,random", "--sparsities", "0.5,0.9"], tmp_path)
   cells = json.loads((out / "sweep.json").read_text())
-  assert len(cells) == 6 and all(cells[k]["top1"] == v for k, v in before.items())
-  res = jprune(["sensitivity", *base, "--grid", "0.5,0.9", "--target", "0.6"], tmp_path)
+  assert len(cells) == 4 and all(cells[k]["top1"] == v for k, v in before.items())
+  assert len(list(out.glob("prune-*"))) == 4           # two pruned models trained per sweep, none twice
+  jprune(["sensitivity", *base, "--grid", "0.5,0.9", "--target", "0.6"], tmp_path)
   alloc = json.loads((out / "allocation.json").read_text())
   assert set(alloc) == {"^Dense_0/kernel$", "^Dense_1/kernel$", "^Dense_2/kernel$"}
   sizes = {"^Dense_0/kernel$": 784 * 300, "^Dense_1/kernel$": 300 * 100, "^Dense_2/kernel$": 100 * 10}

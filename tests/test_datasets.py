@@ -14,7 +14,7 @@ from jprune import data
 @pytest.mark.parametrize("name,shape", [("mnist", (28, 28, 1)), ("cifar10", (32, 32, 3)),
                                         ("fashion_mnist", (28, 28, 1))])
 def test_dataset_names_resolve_through_tfds(name, shape, tmp_path, monkeypatch):
-  monkeypatch.setenv("JPRUNE_FASHION_MNIST_DIR", str(tmp_path / "none"))  # no Debian files: tfds's own builder
+  monkeypatch.delenv("JPRUNE_FASHION_MNIST_DIR", raising=False)  # no Debian files: tfds's own builder
   monkeypatch.setattr(data, "DEFAULT_MANUAL_DIR", str(tmp_path / "none"))
   with tfds.testing.mock_data(num_examples=24, policy=tfds.testing.MockPolicy.USE_CODE):
     ds = data.load(name, cache_dir=str(tmp_path / "tfds"))

@@ -31,7 +31,7 @@ def _reference_keep(flat_scores, k):
   return keep
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(score_trees(), st.floats(0.0, 0.99))
 def test_layer_scope_exact_and_deterministic(tree, s):
   masks = jp.topk(tree, s, scope="layer")
@@ -43,7 +43,7 @@ def test_layer_scope_exact_and_deterministic(tree, s):
     np.testing.assert_array_equal(m.reshape(-1), _reference_keep(leaf["kernel"].reshape(-1), k))
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(score_trees(), st.floats(0.0, 0.99))
 def test_global_scope_exact_and_deterministic(tree, s):
   masks = jp.topk(tree, s, scope="global")

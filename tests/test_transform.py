@@ -157,3 +157,17 @@ def test_global_scope_and_erk_in_training(mlp_params):
     kept = int(m["Dense_0"]["kernel"].sum() + m["Dense_1"]["kernel"].sum())
     assert kept == 16 * 32 + 32 * 8 - round(0.8 * (16 * 32 + 32 * 8)) or "distribution" in kw
     assert abs(kept / (16 * 32 + 32 * 8) - 0.2) < 0.01
+
+
+def test_non_finite_params_at_pruned_entries_are_documented_behaviour():
+  """Pruned entries become `p + (-p)`: exactly 0 for finite p, NaN for a NaN or ±inf p (IEEE); `jp.apply`
+  (a `where`) zeroes them whatever they hold. The README's guarantees say so."""
+  params = {"Dense_0": {"kernel": jnp.array([[1.0, jnp.nan, jnp.inf, -jnp.inf, 2.0, 3.0]])}}
+  masks = {"Dense_0": {"kernel": jnp.array([[True, False, False, False, False, True]])}}
+  tx = jp.keep_pruned(masks)
+  u, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
+  after = np.asarray(optax.apply_updates(params, u)["Dense_0"]["kernel"])[0]
+  assert after[0] == 2.0 and after[5] == 4.0 and after[4] == 0.0                # kept entries updated, finite -> 0
+  assert np.isnan(after[1:4]).all()                                             # NaN/inf at pruned entries -> NaN
+  np.testing.assert_array_equal(np.asarray(jp.apply(params, masks)["Dense_0"]["kernel"])[0],
+                                [1.0, 0.0, 0.0, 0.0, 0.0, 3.0])
