@@ -2,6 +2,7 @@
 
 import json
 import os
+import sys
 import platform
 import time
 
@@ -41,7 +42,8 @@ def interleaved(cases: dict, rounds: int = 3, block: int = 5) -> dict:
 
 def write(name: str, payload: dict) -> str:
   os.makedirs(RESULTS, exist_ok=True)
-  payload = dict(payload, device=device_info(), date=time.strftime("%Y-%m-%d %H:%M:%S"))
+  payload = dict(payload, device=device_info(), date=time.strftime("%Y-%m-%d %H:%M:%S"),
+                 command="python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]))
   suffix = "" if payload["device"]["platform"] == "cpu" else "_" + payload["device"]["platform"]
   path = os.path.join(RESULTS, f"{name}{suffix}.json")
   with open(path, "w") as f:

@@ -46,6 +46,10 @@ def main():
   ap.add_argument("--alpha", type=float, default=0.5, help="weight of the LM loss on the training half next to KD")
   ap.add_argument("--baseline-recovery", action="store_true", help="also distil the L2 baseline as long")
   ap.add_argument("--quick", action="store_true", help="fewer cells, 2 minutes of distillation (a smoke run)")
+  ap.add_argument("--points-for", default=None,
+                  help="criterion-allocation pairs measured at 10/30%% too (default: all), e.g. l2-layer,flap-layer")
+  ap.add_argument("--reconstruct-for", default=None,
+                  help="criterion-allocation pairs also measured with reconstruction at 20%% (default: all)")
   args = ap.parse_args()
   t_start = time.perf_counter()
   if args.quick:
@@ -72,7 +76,10 @@ def main():
   sparsities = (0.2,) if args.quick else (0.1, 0.2, 0.3)
   settings = [(c, "layer") for c in width.CRITERIA] + [("fisher", "global")]
   results = {}
-  cells = [(c, a, s, False) for c, a in settings for s in sparsities] + [(c, a, 0.2, True) for c, a in settings]
+  def chosen(spec, c, a):
+    return spec is None or f"{c}-{a}" in spec.split(",")
+  cells = ([(c, a, s, False) for c, a in settings for s in sparsities if s == 0.2 or chosen(args.points_for, c, a)]
+           + [(c, a, 0.2, True) for c, a in settings if chosen(args.reconstruct_for, c, a)])
   for crit, alloc, s, rec in cells:
     res = width.prune_width(cfg, params, cal, sparsity=s, criterion=crit, kinds=("mlp",), allocation=alloc,
                             reconstruct=rec, scores=scores[crit], stats=stats, progress=False)

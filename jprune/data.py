@@ -67,7 +67,8 @@ def find_manual_dir(data_dir: Optional[str] = None) -> Path:
   if not missing:
     return Path(chosen)
   if how:
-    raise DataError(f"{how} {chosen}: Fashion-MNIST IDX file(s) {', '.join(missing)} not found there.")
+    raise DataError(f"{how} {chosen}: Fashion-MNIST IDX file(s) {', '.join(missing)} not found there (Debian's "
+                    f"come with `apt-get install dataset-fashion-mnist`).")
   raise DataError(
       f"Fashion-MNIST IDX files not found (looked in {chosen}). Install them with "
       f"`apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or pass --data-dir / set {ENV_DATA_DIR} to a "

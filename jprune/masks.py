@@ -28,6 +28,7 @@ _INT_MAX = np.iinfo(np.int32).max
 _PRUNED_KEY = _INT_MIN + 1   # key of already-pruned entries: below every real score
 _UNROLLED = 5                # passes after the first, each skipped once the search has converged
 _SAMPLE = 1 << 15            # size of the strided sample that seeds the search
+_SORT_MAX = 1 << 14          # up to this many entries in one top-k, one sort finds the k-th key
 
 
 # ----------------------------------------------------------------------------------------------- granularity
@@ -374,9 +375,20 @@ def kth_key(units: Sequence[jax.Array], k, key_fn=None) -> _Search:
 
 
 def prune_lowest(units: Sequence[jax.Array], k, key_fn=None) -> list[jax.Array]:
-  """Keep-masks pruning exactly the `k` lowest keys over all leaves (ties: leaf order, then row-major)."""
+  """Keep-masks pruning exactly the `k` lowest keys over all leaves (ties: leaf order, then row-major).
+
+  Up to `_SORT_MAX` entries in all, the k-th key comes from one sort (cheap to compile, and fast at that size);
+  beyond, from `kth_key`'s counting passes, which never sort or concatenate the model.
+  """
   key_fn = key_fn or (lambda u: u)
   k = jnp.asarray(k, jnp.int32)
+  total = sum(int(jax.tree.leaves(u)[0].size) for u in units)
+  if total <= _SORT_MAX:
+    xs = [key_fn(u) for u in units]
+    flat = jnp.concatenate([_replicated(x).reshape(-1) for x in xs])
+    hi = jnp.sort(flat)[jnp.clip(k - 1, 0, total - 1)]
+    masks = _tie_masks(xs, hi, k - jnp.sum(flat < hi, dtype=jnp.int32))
+    return [jnp.where(k > 0, m, True) for m in masks]
   st = kth_key(units, k, key_fn)
   hi, r = st.hi, k - st.c_lo  # r: how many entries in (lo, hi] (all equal to hi on a partial tie) to prune
 
@@ -384,21 +396,55 @@ def prune_lowest(units: Sequence[jax.Array], k, key_fn=None) -> list[jax.Array]:
     return [key_fn(u) > hi for u in units]
 
   def partial_tie(_):
-    out, offset = [], jnp.int32(0)
-    for u in units:
-      x = key_fn(u)
-      eq = _replicated(x == hi).reshape(-1)  # ties straddling the threshold: a bool cumsum in fixed order
-      rank = jnp.cumsum(eq, dtype=jnp.int32) - 1 + offset
-      tie = (eq & (rank >= r)).reshape(x.shape)
-      spec = _explicit_spec(x)
-      if spec is not None:
-        tie = jax.sharding.reshard(tie, jax.typeof(x).sharding)
-      out.append((x > hi) | tie)
-      offset = offset + jnp.sum(eq, dtype=jnp.int32)
-    return out
+    return _tie_masks([key_fn(u) for u in units], hi, r)
 
   masks = jax.lax.cond(st.c_hi == k, exact, partial_tie, None)
   return [jnp.where(k > 0, m, True) for m in masks]
+
+
+def _tie_masks(xs: Sequence[jax.Array], hi: jax.Array, r: jax.Array) -> list[jax.Array]:
+  """Keep-masks: keys > hi kept, keys < hi pruned, and of the keys == hi the first r (leaf order, then
+  row-major) pruned. Ties are counted per leaf (one pass); a leaf whose ties all fall before / after the r-th
+  keeps (x > hi) / (x >= hi); only the one leaf where the r-th tie falls ranks its ties, inside one row."""
+  counts = [jnp.sum(x == hi, dtype=jnp.int32) for x in xs]
+  out, before = [], jnp.int32(0)
+  for x, c in zip(xs, counts):
+    r_leaf = jnp.clip(r - before, 0, c)
+    out.append(jax.lax.cond((r_leaf > 0) & (r_leaf < c), _straddle, _all_or_no_ties, x, hi, r_leaf))
+    before = before + c
+  return out
+
+
+def _all_or_no_ties(x: jax.Array, hi: jax.Array, r: jax.Array) -> jax.Array:
+  """Keep-mask of a leaf whose ties at hi are all pruned (r > 0) or all kept (r == 0)."""
+  return (x > hi) | ((x == hi) & (r == 0))
+
+
+def _straddle(key: jax.Array, hi: jax.Array, r: jax.Array) -> jax.Array:
+  """Keep-mask of the leaf where the r-th tie falls: keys > hi, and the ties (keys == hi) of row-major rank >= r.
+
+  The flat leaf is viewed as rows; ties are counted per row, and only the row holding the r-th tie is ranked
+  with a cumsum (a flat cumsum over a large leaf costs many passes on CPU).
+  """
+  shape, spec = key.shape, _explicit_spec(key)
+  x = _replicated(key).reshape(-1)
+  n = x.shape[0]
+  cols = _chunk(n, 4096)
+  x2 = x.reshape(n // cols, cols)
+  eq = x2 == hi
+  row_counts = jnp.sum(eq, axis=1, dtype=jnp.int32)
+  ends = jnp.cumsum(row_counts)                     # ties in rows <= i
+  j = jnp.sum(ends <= r, dtype=jnp.int32)           # rows before j: all their ties pruned; j holds the r-th
+  start = ends[j] - row_counts[j]
+  row_eq = jax.lax.dynamic_slice(eq, (j, 0), (1, cols))
+  rank = jnp.cumsum(row_eq, axis=1, dtype=jnp.int32) - 1 + start
+  row_keep = (jax.lax.dynamic_slice(x2, (j, 0), (1, cols)) > hi) | (row_eq & (rank >= r))
+  rows = jnp.arange(n // cols, dtype=jnp.int32)[:, None]
+  keep = (x2 > hi) | (eq & (rows > j))
+  keep = jax.lax.dynamic_update_slice(keep, row_keep, (j, 0)).reshape(shape)
+  if spec is not None:
+    keep = jax.sharding.reshard(keep, jax.typeof(key).sharding)
+  return keep
 
 
 def _nm_mask(s: jax.Array, g: Granularity, prior: Optional[jax.Array]) -> jax.Array:
@@ -503,15 +549,29 @@ def topk(scores: PyTree, sparsity, *, where=None, scope: str = "layer", granular
   g, items, flags, prior_leaves = _prepare(scores, where, granularity, masks)
   treedef = jax.tree.structure(scores)
   per_leaf = _per_leaf_sparsity(sparsity, scores, items, flags)
-  out = [jnp.asarray(True)] * len(items)
-  if g.kind == "nm":
-    for i, ((path, s), f) in enumerate(zip(items, flags)):
-      if f:
-        out[i] = jnp.where(per_leaf[i] > 0, _nm_mask(s, g, prior_leaves[i]), True)
-    return jax.tree.unflatten(treedef, out)
+  if scope == "global" and g.kind != "nm":
+    if isinstance(sparsity, dict) or not _is_number_like(sparsity):
+      raise ValueError("scope='global' takes one sparsity number, not a per-leaf tree.")
+    _tree.check_sparsity(sparsity)
+  leaves = [s for _, s in items]
+  args = (leaves, prior_leaves, per_leaf if scope == "layer" or g.kind == "nm" else sparsity)
+  statics = dict(flags=tuple(bool(f) for f in flags), g=g, scope=scope)
+  traced = any(_tree.is_traced(x) for x in jax.tree.leaves(args))
+  # eager calls go through one jitted program per (structure, shapes, dtypes, settings), compiled once and
+  # reused; traced calls inline the same code. Traced and eager sparsities prune the same count (`_count_k`).
+  out = (_topk_leaves if traced else _topk_leaves_jit)(*args, **statics)
+  return jax.tree.unflatten(treedef, out)
 
+
+def _topk_leaves(leaves, prior_leaves, sparsity, *, flags, g, scope):
+  out = [jnp.asarray(True)] * len(leaves)
+  if g.kind == "nm":
+    for i, (s, f) in enumerate(zip(leaves, flags)):
+      if f:
+        out[i] = jnp.where(jnp.asarray(sparsity[i]) > 0, _nm_mask(s, g, prior_leaves[i]), True)
+    return out
   units, shapes = {}, {}
-  for i, ((path, s), f) in enumerate(zip(items, flags)):
+  for i, (s, f) in enumerate(zip(leaves, flags)):
     if not f:
       continue
     if s.size == 0:   # nothing to rank: an empty mask of the leaf's shape
@@ -520,23 +580,22 @@ def topk(scores: PyTree, sparsity, *, where=None, scope: str = "layer", granular
     u = unit_scores(s, g)
     prior = None if prior_leaves[i] is None else unit_mask_of(prior_leaves[i], s.shape, g)
     units[i], shapes[i] = (u, prior), s.shape
-
   if scope == "global":
-    if isinstance(sparsity, dict) or not _is_number_like(sparsity):
-      raise ValueError("scope='global' takes one sparsity number, not a per-leaf tree.")
-    _tree.check_sparsity(sparsity)
     idx = sorted(units)
     if not idx:
-      return jax.tree.unflatten(treedef, out)
+      return out
     n_total = sum(int(units[i][0].size) for i in idx)
     keeps = prune_lowest([units[i] for i in idx], _count_k(sparsity, n_total), _unit_key)
     for i, kp in zip(idx, keeps):
       out[i] = expand_units(kp, shapes[i], g)
   else:
     for i, u in units.items():
-      kp, = prune_lowest([u], _count_k(per_leaf[i], int(u[0].size)), _unit_key)
+      kp, = prune_lowest([u], _count_k(sparsity[i], int(u[0].size)), _unit_key)
       out[i] = expand_units(kp, shapes[i], g)
-  return jax.tree.unflatten(treedef, out)
+  return out
+
+
+_topk_leaves_jit = jax.jit(_topk_leaves, static_argnames=("flags", "g", "scope"))
 
 
 def _is_number_like(x):

@@ -328,7 +328,7 @@ def _files(root: Path) -> set:
   return {p.relative_to(root) for p in root.rglob("*") if p.is_file()}
 
 
-@hypothesis.settings(max_examples=16, deadline=None, derandomize=True,
+@hypothesis.settings(max_examples=12, deadline=None, derandomize=True,
                      suppress_health_check=[hypothesis.HealthCheck.function_scoped_fixture,
                                             hypothesis.HealthCheck.too_slow])
 @hypothesis.given(args=argv())
@@ -374,4 +374,4 @@ def test_random_argument_lists_ran_real_jobs():
   """The property test above exercised both sides: some lists ran a whole job, some were refused."""
   if not OUTCOMES:
     pytest.skip("the property test did not run in this session")
-  assert OUTCOMES.count(0) >= 2 and len(OUTCOMES) - OUTCOMES.count(0) >= 6, OUTCOMES
+  assert OUTCOMES.count(0) >= 1 and len(OUTCOMES) - OUTCOMES.count(0) >= 5, OUTCOMES
