@@ -72,8 +72,8 @@ def resnet():
 
 
 TREES = {
-    "8x(2048,1024)": lambda: (_normal([(f"l{i}", (2048, 1024)) for i in range(8)]), "random normal"),
-    "1x(4096,4096)": lambda: (_normal([("l0", (4096, 4096))]), "random normal"),
+    "8x2048x1024": lambda: (_normal([(f"l{i}", (2048, 1024)) for i in range(8)]), "random normal"),
+    "1x4096x4096": lambda: (_normal([("l0", (4096, 4096))]), "random normal"),
     "smollm2": smollm2,
     "lenet300": lambda: (_normal([("Dense_0", (784, 300)), ("Dense_1", (300, 100)), ("Dense_2", (100, 10))]),
                          "random normal"),
