@@ -16,9 +16,16 @@ perplexity from its last `--eval-windows` × `--eval-len` tokens (disjoint). One
 
 Run: python benchmarks/llm_structured.py [--distill-minutes 30] [--quick]
 Writes benchmarks/results/llm_structured.json and llm_structured.png.
+
+A killed run resumes: finished stage-1 cells and the distillation checkpoint live in
+`runs/llm_structured/<digest>/`, where the digest covers every argument, this script and every `jprune/` source
+file, so nothing is reused unless everything that produced it is the same (`--fresh` ignores it).
 """
 
 import argparse
+import glob
+import hashlib
+import json
 import os
 import sys
 import tempfile
@@ -50,7 +57,12 @@ def main():
                   help="criterion-allocation pairs measured at 10/30%% too (default: all), e.g. l2-layer,flap-layer")
   ap.add_argument("--reconstruct-for", default=None,
                   help="criterion-allocation pairs also measured with reconstruction at 20%% (default: all)")
+  ap.add_argument("--fresh", action="store_true", help="recompute everything (ignore the resume folder)")
   args = ap.parse_args()
+  work = _work_dir(args)
+  cache_path = os.path.join(work, "cells.json")
+  cached = {} if args.fresh or not os.path.exists(cache_path) else json.load(open(cache_path))
+  print(f"resume folder {work} ({len(cached)} finished cells)", flush=True)
   t_start = time.perf_counter()
   if args.quick:
     args.distill_minutes, args.eval_windows = min(args.distill_minutes, 2.0), 4
@@ -80,16 +92,27 @@ def main():
     return spec is None or f"{c}-{a}" in spec.split(",")
   cells = ([(c, a, s, False) for c, a in settings for s in sparsities if s == 0.2 or chosen(args.points_for, c, a)]
            + [(c, a, 0.2, True) for c, a in settings if chosen(args.reconstruct_for, c, a)])
-  for crit, alloc, s, rec in cells:
-    res = width.prune_width(cfg, params, cal, sparsity=s, criterion=crit, kinds=("mlp",), allocation=alloc,
-                            reconstruct=rec, scores=scores[crit], stats=stats, progress=False)
-    ppl = llm.perplexity(res.config, res.params, evals, seq_len=args.eval_len)
-    name = f"{crit}-{alloc}-{s:g}" + ("-reconstructed" if rec else "")
-    results[name] = res
-    cell = {"name": name, "criterion": crit, "allocation": alloc, "sparsity": s, "reconstruct": rec,
-            "removed_fraction_of_blocks": res.info["removed_fraction_of_blocks"],
-            "params_after": res.info["params_after"], "macs_per_token_after": res.info["macs_per_token_after"],
-            "perplexity_before_recovery": ppl}
+  def pruned(name):
+    if name not in results:
+      crit, alloc, s, rec = specs[name]
+      results[name] = width.prune_width(cfg, params, cal, sparsity=s, criterion=crit, kinds=("mlp",),
+                                        allocation=alloc, reconstruct=rec, scores=scores[crit], stats=stats,
+                                        progress=False)
+    return results[name]
+
+  specs = {f"{c}-{a}-{s:g}" + ("-reconstructed" if r else ""): (c, a, s, r) for c, a, s, r in cells}
+  for name, (crit, alloc, s, rec) in specs.items():
+    if name in cached:
+      cell = cached[name]
+    else:
+      res = pruned(name)
+      ppl = llm.perplexity(res.config, res.params, evals, seq_len=args.eval_len)
+      cell = {"name": name, "criterion": crit, "allocation": alloc, "sparsity": s, "reconstruct": rec,
+              "removed_fraction_of_blocks": res.info["removed_fraction_of_blocks"],
+              "params_after": res.info["params_after"], "macs_per_token_after": res.info["macs_per_token_after"],
+              "perplexity_before_recovery": ppl}
+      cached[name] = cell
+      _atomic_json(cache_path, cached)
     out["cells"].append(cell)
     print(f"{name:34s} {100 * cell['removed_fraction_of_blocks']:.1f}% of block params: perplexity {ppl:10.2f}",
           flush=True)
@@ -102,10 +125,10 @@ def main():
   # 2. recovery by distillation
   recovered = {}
   for name in [best["name"]] + ([l2["name"]] if args.baseline_recovery else []):
-    res = results[name]
+    res = pruned(name)
     d = distill.distill(res.config, res.params, cfg, params, train, steps=10 ** 6, batch_size=8, lr=args.distill_lr,
                         alpha=args.alpha, warmup=10, max_seconds=60 * args.distill_minutes, log_every=10,
-                        progress=True)
+                        checkpoint_dir=os.path.join(work, f"distill-{name}"), save_every=100, progress=True)
     ppl = llm.perplexity(res.config, d.params, evals, seq_len=args.eval_len)
     recovered[name] = d.params
     cell = next(c for c in out["cells"] if c["name"] == name)
@@ -134,7 +157,7 @@ def main():
                              "greedy_agree": int(sum(g == w for g, w in zip(got["greedy"], want)))}
     paths[f"dense-{dtype}"] = path
   small_name = best["name"]
-  res = results[small_name]
+  res = pruned(small_name)
   small_params = recovered.get(small_name, res.params)
   path = os.path.join(tmp, "pruned-f32.gguf")
   info = llm.save_gguf(path, res.config, small_params, tok, dtype="f32")
@@ -187,6 +210,27 @@ def main():
   path = _common.write(name, out)
   _plot(out, os.path.join(_common.RESULTS, f"{name}.png"))
   print("wrote", path)
+
+
+def _work_dir(args) -> str:
+  """`runs/llm_structured/<digest>`: the digest covers the arguments and every source that shapes a result."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  h = hashlib.sha256(json.dumps({k: v for k, v in sorted(vars(args).items()) if k != "fresh"}).encode())
+  for f in sorted(glob.glob(os.path.join(root, "jprune", "**", "*.py"), recursive=True)) + [__file__]:
+    h.update(f.encode())
+    h.update(open(f, "rb").read())
+  work = os.path.join(root, "runs", "llm_structured", h.hexdigest()[:16])
+  os.makedirs(work, exist_ok=True)
+  return work
+
+
+def _atomic_json(path, obj):
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
 
 
 def _plot(out, path):

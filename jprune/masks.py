@@ -169,10 +169,11 @@ def unit_mask_of(mask: jax.Array, shape, g: Granularity) -> jax.Array:
 def _keys(s: jax.Array) -> jax.Array:
   """Maps float32 scores to int32 keys with the same order (total order; -0.0 < +0.0). NaN (of either sign)
   ranks lowest, below -inf, so a NaN score is pruned first; eager calls raise on NaN before getting here."""
-  s = s.astype(jnp.float32)
-  b = jax.lax.bitcast_convert_type(s, jnp.int32)
-  k = jnp.where(b >= 0, b, b ^ jnp.int32(0x7FFFFFFF))
-  return jnp.where(jnp.isnan(s), jnp.int32(_PRUNED_KEY + 1), jnp.maximum(k, jnp.int32(_PRUNED_KEY + 1)))
+  b = jax.lax.bitcast_convert_type(s.astype(jnp.float32), jnp.int32)
+  # Integer ops only (this is fused into every counting pass): NaN iff the magnitude bits exceed +inf's.
+  nan = (b & jnp.int32(0x7FFFFFFF)) > jnp.int32(0x7F800000)
+  k = jnp.maximum(b ^ ((b >> 31) & jnp.int32(0x7FFFFFFF)), jnp.int32(_PRUNED_KEY + 1))
+  return jnp.where(nan, jnp.int32(_PRUNED_KEY + 1), k)
 
 
 def _unit_key(unit):

@@ -205,6 +205,9 @@ def test_distillation_lowers_the_loss_resumes_bit_identically_and_refuses_other_
   assert part.steps == 1                         # stopped by the time budget after one step, checkpointed
   more = distill.distill(res.config, res.params, CFG, params, train, checkpoint_dir=ck, **kw)
   assert more.resumed_from == 1 and more.steps == 30
+  # the history before the interruption is kept, and the time spent counts towards the budget
+  assert [(h["step"], h["loss"]) for h in more.history] == [(h["step"], h["loss"]) for h in full.history]
+  assert more.seconds >= part.seconds
   for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(more.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   with pytest.raises(CheckpointError, match="other settings"):

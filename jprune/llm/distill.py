@@ -32,7 +32,7 @@ class DistillResult(NamedTuple):
   params: PyTree
   history: list       # [{"step", "loss", "seconds"}] every `log_every` steps (and evaluations if asked)
   steps: int          # steps done in total (including those restored from a checkpoint)
-  seconds: float      # wall time of this call
+  seconds: float      # wall time spent distilling, including the time before a resume
   resumed_from: Optional[int]
 
 
@@ -74,7 +74,8 @@ def distill(student, student_params: PyTree, teacher, teacher_params: PyTree, tr
     temperature, alpha: distillation temperature and weight of the plain LM loss (0: pure distillation).
     masks: keep-masks of a masked (unstructured / N:M) student; its pruned entries stay exactly 0.
     checkpoint_dir: resumable checkpoints every `save_every` steps and at the end (or at `max_seconds`).
-    max_seconds: stop after this wall time (checkpointed), e.g. to bound recovery to a time budget.
+    max_seconds: stop after this wall time (checkpointed), e.g. to bound recovery to a time budget; a resumed run
+      counts the seconds spent before the interruption (and keeps the earlier `history`).
     eval_tokens, eval_every: perplexity on held-out windows every `eval_every` steps (into `history`).
     remat: recompute each student block in the backward pass (memory of one block's activations, ~25% slower).
   """
@@ -116,7 +117,7 @@ def distill(student, student_params: PyTree, teacher, teacher_params: PyTree, tr
 
   params = jax.tree.map(jnp.asarray, student_params)
   opt = tx.init(params)
-  start, resumed = 0, None
+  start, resumed, spent, history = 0, None, 0.0, []
   identity = {"student": _digest(repr(s_cfg)), "teacher": _digest(repr(t_cfg)),
               "student_params": _tree_digest(student_params), "teacher_params": _tree_digest(teacher_params),
               "tokens": _digest(toks), "masks": None if masks is None else _tree_digest(masks),
@@ -127,14 +128,16 @@ def distill(student, student_params: PyTree, teacher, teacher_params: PyTree, tr
     mngr = Manager(checkpoint_dir, max_to_keep=2)
     latest = mngr.latest_step()
     if latest is not None:
-      saved = mngr.metadata(latest).get("identity")
+      meta = mngr.metadata(latest)
+      saved = meta.get("identity")
       if saved != identity:
         diff = [k for k in identity if (saved or {}).get(k) != identity[k]]
         raise CheckpointError(f"{checkpoint_dir} holds a distillation run with other {', '.join(diff) or 'inputs'}; "
                               "use another folder (nothing was resumed).")
       state = mngr.restore(latest, like={"params": params, "opt": opt})
       params, opt, start, resumed = state["params"], state["opt"], latest, latest
-  history, t0 = [], time.perf_counter()
+      spent, history = float(meta.get("seconds", 0.0)), list(meta.get("history", []))
+  t0 = time.perf_counter() - spent   # a resumed run's time budget counts the time already spent
   from jprune._progress import progress_bar
   bar = progress_bar(total=steps, initial=start, desc="distill", disable=not progress)
   done = start
@@ -153,7 +156,8 @@ def distill(student, student_params: PyTree, teacher, teacher_params: PyTree, tr
                                                                  seq_len=np.shape(eval_tokens)[-1])})
       out_of_time = max_seconds is not None and time.perf_counter() - t0 >= max_seconds
       if mngr is not None and (done % save_every == 0 or done == steps or out_of_time):
-        mngr.save(done, {"params": params, "opt": opt}, metadata={"identity": identity}, force=True)
+        mngr.save(done, {"params": params, "opt": opt}, force=True,
+                  metadata={"identity": identity, "seconds": time.perf_counter() - t0, "history": history})
       if out_of_time:
         break
   finally:
