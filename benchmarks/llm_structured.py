@@ -18,8 +18,8 @@ Run: python benchmarks/llm_structured.py [--distill-minutes 30] [--quick]
 Writes benchmarks/results/llm_structured.json and llm_structured.png.
 
 A killed run resumes: finished stage-1 cells and the distillation checkpoint live in
-`runs/llm_structured/<digest>/`, where the digest covers every argument, this script and every `jprune/` source
-file, so nothing is reused unless everything that produced it is the same (`--fresh` ignores it).
+`runs/llm_structured/<digest>/`, where the digest covers every argument, the script's `RECIPE_VERSION` and every `jprune/`
+source file, so nothing is reused unless everything that produced it is the same (`--fresh` ignores it).
 """
 
 import argparse
@@ -92,12 +92,14 @@ def main():
     return spec is None or f"{c}-{a}" in spec.split(",")
   cells = ([(c, a, s, False) for c, a in settings for s in sparsities if s == 0.2 or chosen(args.points_for, c, a)]
            + [(c, a, 0.2, True) for c, a in settings if chosen(args.reconstruct_for, c, a)])
-  def pruned(name):
+  def prune_cell(name):
+    crit, alloc, s, rec = specs[name]
+    return width.prune_width(cfg, params, cal, sparsity=s, criterion=crit, kinds=("mlp",), allocation=alloc,
+                             reconstruct=rec, scores=scores[crit], stats=stats, progress=False)
+
+  def pruned(name):   # only the models later stages use stay in memory (18 pruned copies would not fit in 24 GB)
     if name not in results:
-      crit, alloc, s, rec = specs[name]
-      results[name] = width.prune_width(cfg, params, cal, sparsity=s, criterion=crit, kinds=("mlp",),
-                                        allocation=alloc, reconstruct=rec, scores=scores[crit], stats=stats,
-                                        progress=False)
+      results[name] = prune_cell(name)
     return results[name]
 
   specs = {f"{c}-{a}-{s:g}" + ("-reconstructed" if r else ""): (c, a, s, r) for c, a, s, r in cells}
@@ -105,7 +107,7 @@ def main():
     if name in cached:
       cell = cached[name]
     else:
-      res = pruned(name)
+      res = prune_cell(name)
       ppl = llm.perplexity(res.config, res.params, evals, seq_len=args.eval_len)
       cell = {"name": name, "criterion": crit, "allocation": alloc, "sparsity": s, "reconstruct": rec,
               "removed_fraction_of_blocks": res.info["removed_fraction_of_blocks"],
@@ -113,6 +115,7 @@ def main():
               "perplexity_before_recovery": ppl}
       cached[name] = cell
       _atomic_json(cache_path, cached)
+      del res
     out["cells"].append(cell)
     print(f"{name:34s} {100 * cell['removed_fraction_of_blocks']:.1f}% of block params: perplexity {ppl:10.2f}",
           flush=True)
@@ -212,11 +215,16 @@ def main():
   print("wrote", path)
 
 
+# Bump when this script changes how a cell or the distillation is computed (the digest then changes).
+RECIPE_VERSION = 1
+
+
 def _work_dir(args) -> str:
-  """`runs/llm_structured/<digest>`: the digest covers the arguments and every source that shapes a result."""
+  """`runs/llm_structured/<digest>`: the digest covers the arguments, `RECIPE_VERSION` and every jprune source."""
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   h = hashlib.sha256(json.dumps({k: v for k, v in sorted(vars(args).items()) if k != "fresh"}).encode())
-  for f in sorted(glob.glob(os.path.join(root, "jprune", "**", "*.py"), recursive=True)) + [__file__]:
+  h.update(f"recipe {RECIPE_VERSION}".encode())
+  for f in sorted(glob.glob(os.path.join(root, "jprune", "**", "*.py"), recursive=True)):
     h.update(f.encode())
     h.update(open(f, "rb").read())
   work = os.path.join(root, "runs", "llm_structured", h.hexdigest()[:16])

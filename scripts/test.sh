@@ -4,4 +4,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --llm
 export JPRUNE_NO_PROGRESS=1
-exec .venv/bin/python -m pytest --doctest-modules --durations=25 jprune tests "$@"
+# One pytest worker per core (at most 4): much of the suite is XLA compilation and Python, which one process
+# runs on one core. Workers share one XLA compilation cache for the run (tests/conftest.py).
+workers=$(.venv/bin/python -c 'import os; print(max(1, min(4, len(os.sched_getaffinity(0)))))')
+# --all: also the end-to-end checks marked `slow` (the real SmolLM2 through llama.cpp; benchmarks cover them too)
+args=()
+for a in "$@"; do
+  if [ "$a" = "--all" ]; then args+=(-m ""); else args+=("$a"); fi
+done
+set -- "${args[@]+"${args[@]}"}"
+exec .venv/bin/python -m pytest -n "$workers" --dist worksteal --doctest-modules --durations=30 jprune tests "$@"

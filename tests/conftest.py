@@ -1,9 +1,35 @@
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JPRUNE_NO_PROGRESS", "1")
 
-import jax
-import pytest
+# Hermetic and cheaper test runs. Each run (all xdist workers of it together) gets one fresh folder holding
+# (a) XLA's persistent compilation cache, so a program compiled by one test, worker or `jprune` subprocess is not
+# compiled again by the next (tests build the same small models many times; a cached executable is the one XLA
+# would compile, so no result changes), and (b) tfds's data folder, so no test reads or writes
+# ~/tensorflow_datasets. Nothing survives the run: no test depends on what an earlier run left on disk.
+_OWNS_RUN_DIR = "JPRUNE_TEST_RUN_DIR" not in os.environ   # xdist workers inherit the controller's folder
+if _OWNS_RUN_DIR:
+  os.environ["JPRUNE_TEST_RUN_DIR"] = tempfile.mkdtemp(prefix="jprune-tests-")
+_RUN_DIR = os.environ["JPRUNE_TEST_RUN_DIR"]
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(_RUN_DIR, "xla")
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+os.environ["TFDS_DATA_DIR"] = os.path.join(_RUN_DIR, "tfds")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def pytest_unconfigure(config):
+  if _OWNS_RUN_DIR:
+    shutil.rmtree(_RUN_DIR, ignore_errors=True)
+
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")

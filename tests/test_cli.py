@@ -94,7 +94,7 @@ def test_run_variants(idx_dir, tmp_path, extra):
 
 def test_killed_run_resumes_to_the_same_result(idx_dir, tmp_path):
   args = ["run", "--data-dir", str(idx_dir), "--epochs", "3", "--finetune-epochs", "1", "--batch-size", "16",
-          "--save-every", "5", "--sparsity", "0.7"]
+          "--limit", "320", "--save-every", "5", "--sparsity", "0.7"]
   ref = tmp_path / "ref"
   jprune(args + ["--out", str(ref)], tmp_path)
   out = tmp_path / "killed"
