@@ -117,8 +117,8 @@ def main():
       _atomic_json(cache_path, cached)
       del res
     out["cells"].append(cell)
-    print(f"{name:34s} {100 * cell['removed_fraction_of_blocks']:.1f}% of block params: perplexity {ppl:10.2f}",
-          flush=True)
+    print(f"{name:34s} {100 * cell['removed_fraction_of_blocks']:.1f}% of block params: "
+          f"perplexity {cell['perplexity_before_recovery']:10.2f}", flush=True)
   at20 = {c["name"]: c for c in out["cells"] if c["sparsity"] == 0.2}
   best = min((c for c in at20.values() if c["criterion"] != "l2"), key=lambda c: c["perplexity_before_recovery"])
   l2 = min((c for c in at20.values() if c["criterion"] == "l2"), key=lambda c: c["perplexity_before_recovery"])

@@ -1,0 +1,142 @@
+"""Several JAX processes (JAX's own distributed runtime, gloo collectives on CPU) give the one-process results.
+
+Two processes with 4 host devices each form one 8-device mesh; a single process with 8 forced host devices is the
+reference. Both run the same script: `pruned(adamw)` training with the batch data-parallel and the params
+FSDP-sharded, and top-k masks (global, layer, N:M, neurons) on leaves sharded across the processes. Process 0
+gathers the results and writes them. Masks and top-k results equal the one-process run bit for bit; the trained
+floats equal it to the last bit of float32 (the two runtimes all-reduce gradients in different orders), and
+two 2-process runs are bit-identical. An orbax checkpoint written by two processes is restored by one process,
+and one written by one process is restored by two, bit for bit.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).parents[1]
+
+SCRIPT = textwrap.dedent("""
+import os, sys
+n_proc, pid, port, out, ck_in, ck_out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6]
+import jax
+if n_proc > 1:
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=n_proc, process_id=pid)
+import jax.numpy as jnp, numpy as np, optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.experimental import multihost_utils
+import jprune as jp
+from jprune import checkpoint as ckpt
+assert jax.device_count() == 8 and jax.process_count() == n_proc, (jax.devices(), jax.process_count())
+from jax.sharding import AxisType
+mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Auto, AxisType.Auto))
+
+def put(x, spec):   # a global array from the same host data in every process (each keeps its own shards)
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, NamedSharding(mesh, spec), lambda idx: x[idx])
+
+def gather(tree):
+  return jax.tree.map(lambda a: np.asarray(multihost_utils.process_allgather(a, tiled=True)), tree)
+
+rng = np.random.default_rng(0)
+host = {"Dense_0": {"kernel": rng.standard_normal((64, 128)).astype(np.float32) * 0.1,
+                    "bias": np.zeros(128, np.float32)},
+        "Dense_1": {"kernel": rng.standard_normal((128, 16)).astype(np.float32) * 0.1}}
+specs = {"Dense_0": {"kernel": P("data", "model"), "bias": P("model")}, "Dense_1": {"kernel": P("model", "data")}}
+params = jax.tree.map(put, host, specs)
+xs = rng.standard_normal((6, 32, 64)).astype(np.float32)
+ys = rng.integers(0, 16, (6, 32)).astype(np.int32)
+
+def loss_fn(p, x, y):
+  h = jax.nn.relu(x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"])
+  return optax.softmax_cross_entropy_with_integer_labels(h @ p["Dense_1"]["kernel"], y).mean()
+
+tx = jp.pruned(optax.adamw(1e-2), schedule=jp.polynomial(final=0.75, begin=0, end=4, every=2), scope="global")
+
+@jax.jit
+def step(p, s, x, y):
+  g = jax.grad(loss_fn)(p, x, y)
+  u, s = tx.update(g, s, p)
+  return optax.apply_updates(p, u), s
+
+state = jax.jit(tx.init)(params)
+for i in range(len(xs)):
+  params, state = step(params, state, put(xs[i], P("data")), put(ys[i], P("data")))
+result = {"params": gather(params), "masks": gather(jp.masks_of(state))}
+for scope in ("layer", "global"):
+  for name, gran in (("unstructured", jp.unstructured()), ("2:4", jp.nm(2, 4)), ("neurons", jp.neurons())):
+    m = jax.jit(lambda p: jp.topk(jp.scores(jp.magnitude(), p), 0.6, scope=scope, granularity=gran))(params)
+    result[f"topk-{scope}-{name}"] = gather(m)
+
+# orbax through jprune.checkpoint.Manager: every process writes its shards, any process count restores
+with ckpt.Manager(ck_out) as m:
+  m.save(1, {"params": params}, force=True)
+if ck_in != "-":
+  with ckpt.Manager(ck_in) as m:
+    restored = m.restore(m.latest_step(), like={"params": params})["params"]
+  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(params)):
+    assert a.sharding == b.sharding, (a.sharding, b.sharding)
+  result["restored"] = gather(restored)
+if pid == 0:
+  flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(result)[0]}
+  np.savez(out, **flat)
+print("MP-OK", pid, flush=True)
+""")
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _run(n_proc, out, ck_in, ck_out):
+  devices = 8 // n_proc
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+             PYTHONPATH=str(ROOT))
+  port = str(_free_port())
+  procs = [subprocess.Popen([sys.executable, "-c", SCRIPT, str(n_proc), str(i), port, str(out), str(ck_in),
+                             str(ck_out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+           for i in range(n_proc)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  for p, (so, se) in zip(procs, outs):
+    assert p.returncode == 0, se[-4000:]
+    assert "MP-OK" in so
+
+
+def test_two_processes_match_one_process_and_repeat_bit_for_bit(tmp_path):
+  one, two = tmp_path / "one.npz", tmp_path / "two.npz"
+  _run(1, one, "-", tmp_path / "ck1")                      # one process, 8 devices: the reference
+  _run(2, two, tmp_path / "ck1", tmp_path / "ck2")         # two processes x 4 devices; restore the 1-process save
+  _run(1, tmp_path / "back.npz", tmp_path / "ck2", tmp_path / "ck3")   # one process restores the 2-process save
+  a, b, back = np.load(one), np.load(two), np.load(tmp_path / "back.npz")
+  assert set(b.files) == set(a.files) | {k for k in b.files if k.startswith("['restored']")}
+  for k in a.files:
+    if k.startswith("['params']"):
+      # XLA's in-process all-reduce and gloo sum the 4 data-parallel partial gradients in different orders,
+      # so trained floats may differ in the last bit; everything decided from them below is identical.
+      np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-7, err_msg=k)
+    else:
+      np.testing.assert_array_equal(a[k], b[k], err_msg=k)           # masks and top-k: bit for bit
+  for k in b.files:
+    if k.startswith("['restored']"):
+      p = k.replace("['restored']", "['params']")
+      np.testing.assert_array_equal(b[k], a[p], err_msg=k)          # 2 processes restored the 1-process save
+      np.testing.assert_array_equal(back[k], b[p], err_msg=k)       # 1 process restored the 2-process save
+  masks = [a[k] for k in a.files if k.startswith("['masks']")]
+  kept = sum(int(m.sum()) for m in masks) / sum(m.size for m in masks)
+  assert abs(kept - 0.25) < 0.01                                    # the schedule reached 75% (global scope)
+  assert {k.split("]")[0] for k in a.files} >= {f"['topk-{s}-{g}'" for s in ("layer", "global")
+                                                for g in ("unstructured", "2:4", "neurons")}
+
+  # and a second 2-process run (which also restores the 2-process save) repeats the first bit for bit
+  _run(2, tmp_path / "again.npz", tmp_path / "ck2", tmp_path / "ck4")
+  again = np.load(tmp_path / "again.npz")
+  for k in b.files:
+    want = b[k.replace("['restored']", "['params']")] if k.startswith("['restored']") else b[k]
+    np.testing.assert_array_equal(again[k], want, err_msg=k)
