@@ -70,7 +70,7 @@ def test_other_settings_train_anew_and_same_settings_reuse(idx_dir, tmp_path, mo
   monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
   out = tmp_path / "run"
   base = ["run", "--data-dir", str(idx_dir), "--epochs", "1", "--finetune-epochs", "1", "--batch-size", "16",
-          "--sparsity", "0.5", "--out", str(out)]
+          "--limit", "160", "--sparsity", "0.5", "--out", str(out)]
   assert main(base, capsys)[0] == 0
   first = json.loads((out / "metrics.json").read_text())
   # the case: another seed and lr on the same --out must not report the old model's accuracy
