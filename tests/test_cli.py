@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -49,6 +50,14 @@ def jprune(args, tmp, timeout=600, check=True):
   if check:
     assert out.returncode == 0, out.stderr[-3000:]
   return out
+
+
+def jprune_here(args, capsys):
+  """`jprune ARGS` in this process (where a separate process is not the point: no interpreter start-up)."""
+  from jprune import cli
+  with jax.numpy_dtype_promotion("standard"):   # the CLI runs with JAX's default promotion
+    code = cli.main([*args, "--no-progress"])
+  assert code == 0, capsys.readouterr().err[-3000:]
 
 
 def test_read_idx_and_builder(idx_dir, tmp_path):
@@ -144,27 +153,27 @@ def test_bad_arguments_in_a_real_process_have_no_traceback(tmp_path):
   assert [l for l in res.stderr.splitlines() if l.strip()] == ["jprune: error: sparsity must be in [0, 1), got 1.2."]
 
 
-def test_sweep_and_sensitivity(idx_dir, tmp_path):
+def test_sweep_and_sensitivity(idx_dir, tmp_path, capsys):
   out = tmp_path / "sw"
   base = ["--data-dir", str(idx_dir), "--epochs", "1", "--finetune-epochs", "1", "--batch-size", "64",
           "--limit", "320", "--out", str(out)]
-  jprune(["sweep", *base, "--criteria", "magnitude,random", "--sparsities", "0.5"], tmp_path)
+  jprune_here(["sweep", *base, "--criteria", "magnitude,random", "--sparsities", "0.5"], capsys)
   cells = json.loads((out / "sweep.json").read_text())
   assert set(cells) == {"magnitude@0.5", "random@0.5"}
   assert (out / "sweep.png").exists()
   # cached: a second sweep with one more sparsity only computes the new cells
   before = {k: v["top1"] for k, v in cells.items()}
-  jprune(["sweep", *base, "--criteria", "magnitude,random", "--sparsities", "0.5,0.9"], tmp_path)
+  jprune_here(["sweep", *base, "--criteria", "magnitude,random", "--sparsities", "0.5,0.9"], capsys)
   cells = json.loads((out / "sweep.json").read_text())
   assert len(cells) == 4 and all(cells[k]["top1"] == v for k, v in before.items())
   assert len(list(out.glob("prune-*"))) == 4           # two pruned models trained per sweep, none twice
-  jprune(["sensitivity", *base, "--grid", "0.5,0.9", "--target", "0.6"], tmp_path)
+  jprune_here(["sensitivity", *base, "--grid", "0.5,0.9", "--target", "0.6"], capsys)
   alloc = json.loads((out / "allocation.json").read_text())
   assert set(alloc) == {"^Dense_0/kernel$", "^Dense_1/kernel$", "^Dense_2/kernel$"}
   sizes = {"^Dense_0/kernel$": 784 * 300, "^Dense_1/kernel$": 300 * 100, "^Dense_2/kernel$": 100 * 10}
   assert sum(alloc[k] * n for k, n in sizes.items()) / sum(sizes.values()) >= 0.6
   assert (out / "sensitivity.png").exists()
-  jprune(["run", *base, "--allocation", str(out / "allocation.json"), "--sparsity", "0.6"], tmp_path)
+  jprune_here(["run", *base, "--allocation", str(out / "allocation.json"), "--sparsity", "0.6"], capsys)
 
 
 def test_run_neurons_compact(idx_dir, tmp_path):
