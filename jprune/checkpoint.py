@@ -95,7 +95,9 @@ def _hash_file(path: Path) -> str:
 
 
 def _files(step_dir: Path) -> list[Path]:
-  return sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
+  """The files a manifest covers: all but the manifest and its temporary files."""
+  return sorted(p for p in step_dir.rglob("*")
+                if p.is_file() and p.name != MANIFEST and not p.name.startswith(f".{MANIFEST}."))
 
 
 class Manager:
@@ -158,14 +160,22 @@ class Manager:
 
   def _finalize(self) -> None:
     self._mngr.wait_until_finished()
-    for step, desc in self._pending:
-      step_dir = self.directory / str(step)
-      if not step_dir.exists():  # removed by max_to_keep already
-        continue
-      files = {str(p.relative_to(step_dir)): _hash_file(p) for p in _files(step_dir)}
-      manifest = {"step": step, "files": files, "tree": desc}
-      _atomic_write(step_dir / MANIFEST, json.dumps(manifest, indent=1).encode())
-    self._pending = []
+    pending, self._pending = self._pending, []
+    if not pending:
+      return
+    # Several processes (jax.distributed) save collectively: orbax has committed every process's files; process
+    # 0 alone writes the manifests, and the others wait for it, so all see the same complete steps.
+    if jax.process_index() == 0:
+      for step, desc in pending:
+        step_dir = self.directory / str(step)
+        if not step_dir.exists():  # removed by max_to_keep already
+          continue
+        files = {str(p.relative_to(step_dir)): _hash_file(p) for p in _files(step_dir)}
+        manifest = {"step": step, "files": files, "tree": desc}
+        _atomic_write(step_dir / MANIFEST, json.dumps(manifest, indent=1).encode())
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"jprune-manifest-{pending[-1][0]}")
 
   # -------------------------------------------------------------------------------------------- listing
   def all_steps(self) -> list[int]:
