@@ -258,6 +258,12 @@ class LlamaConfig:
                rope_theta=500000.0)
 
   @classmethod
+  def llama2_7b(cls) -> "LlamaConfig":
+    """Llama-2-7B shapes: 32 blocks, d=4096, 32 heads (no GQA), SwiGLU 11008, vocab 32000, untied (6.74B params)."""
+    return cls(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, hidden_dim=11008,
+               rope_theta=10000.0, tie_embeddings=False, max_seq_len=4096)
+
+  @classmethod
   def tiny(cls, **kw) -> "LlamaConfig":
     """A few-thousand-parameter config for tests."""
     base = dict(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, rope_theta=10000.0,

@@ -125,6 +125,22 @@ def load_gguf(path: Optional[str] = None) -> tuple[LlamaConfig, PyTree, Tokenize
   """
   path = path or smollm2_path()
   meta, t = read_gguf(path)
+  cfg = config_from_gguf(meta, {name: a.shape for name, a in t.items()}, path)
+  params = {"embed": {"embedding": jnp.asarray(t["token_embd.weight"])},
+            "norm": {"scale": jnp.asarray(t["output_norm.weight"])}}
+  if not cfg.tie_embeddings:
+    params["lm_head"] = {"kernel": jnp.asarray(np.ascontiguousarray(t["output.weight"].T))}
+  for i in range(cfg.n_layers):
+    params[f"layers_{i}"] = jax.tree.map(jnp.asarray, block_params(cfg, i, t.__getitem__))
+  return cfg, params, _tokenizer(path, meta)
+
+
+BLOCK_TENSORS = ("attn_norm", "ffn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+def config_from_gguf(meta: dict, shapes: dict, path: str) -> LlamaConfig:
+  """The `LlamaConfig` of a GGUF from its metadata and tensor shapes ({name: GGUF row-major shape}), checking
+  that every tensor a Llama needs is there with the shape the metadata implies."""
   arch = meta.get("general.architecture", "llama")
   if arch not in ("llama", "deci"):
     raise GGUFError(f"{path}: architecture {arch!r}; load_gguf reads Llama-architecture models (llama, deci).")
@@ -136,7 +152,7 @@ def load_gguf(path: Optional[str] = None) -> tuple[LlamaConfig, PyTree, Tokenize
     return kind(v)
 
   for key in ("token_embd.weight", "output_norm.weight"):
-    if key not in t:
+    if key not in shapes:
       raise GGUFError(f"{path}: tensor {key} is missing.")
   if "tokenizer.ggml.tokens" not in meta:
     raise GGUFError(f"{path}: metadata tokenizer.ggml.tokens is missing (no vocabulary).")
@@ -151,17 +167,16 @@ def load_gguf(path: Optional[str] = None) -> tuple[LlamaConfig, PyTree, Tokenize
       raise GGUFError(f"{path}: block {i} has {heads[i]} heads, {kv[i]} KV heads, FFN width {ffn[i]}; jprune needs "
                       "heads >= 1, a multiple of KV heads >= 1, and FFN width >= 1.")
   for i in range(n_layers):
-    for name in ("attn_norm", "ffn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up",
-                 "ffn_down"):
-      if f"blk.{i}.{name}.weight" not in t:
+    for name in BLOCK_TENSORS:
+      if f"blk.{i}.{name}.weight" not in shapes:
         raise GGUFError(f"{path}: tensor blk.{i}.{name}.weight is missing.")
-  q0 = t["blk.0.attn_q.weight"]
-  head_dim = int(meta.get(f"{arch}.attention.key_length", q0.shape[0] // heads[0]))
-  emb = t["token_embd.weight"]
-  if emb.shape[1] != dim:
-    raise GGUFError(f"{path}: token_embd.weight is {emb.shape}, expected (vocab, {dim}).")
-  tied = "output.weight" not in t
-  base = LlamaConfig(vocab_size=int(emb.shape[0]), dim=dim, n_layers=n_layers, n_heads=heads[0], n_kv_heads=kv[0],
+  q0 = shapes["blk.0.attn_q.weight"]
+  head_dim = int(meta.get(f"{arch}.attention.key_length", q0[0] // heads[0]))
+  emb = tuple(shapes["token_embd.weight"])
+  if len(emb) != 2 or emb[1] != dim:
+    raise GGUFError(f"{path}: token_embd.weight is {emb}, expected (vocab, {dim}).")
+  tied = "output.weight" not in shapes
+  base = LlamaConfig(vocab_size=int(emb[0]), dim=dim, n_layers=n_layers, n_heads=heads[0], n_kv_heads=kv[0],
                      hidden_dim=ffn[0], head_dim=head_dim,
                      rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
                      norm_eps=float(meta.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)), tie_embeddings=tied,
@@ -169,31 +184,37 @@ def load_gguf(path: Optional[str] = None) -> tuple[LlamaConfig, PyTree, Tokenize
   cfg = base.with_widths(ffn, heads, kv)
   if cfg.head_dim * cfg.n_heads == dim and arch == "llama":
     cfg = _replace(cfg, head_dim=None)
-  k = lambda w: jnp.asarray(np.ascontiguousarray(w.T))  # GGUF (out, in) -> Flax kernel (in, out)
-  params = {"embed": {"embedding": jnp.asarray(emb)}, "norm": {"scale": jnp.asarray(t["output_norm.weight"])}}
-  if not tied:
-    params["lm_head"] = {"kernel": k(t["output.weight"])}
   for i in range(n_layers):
     b = f"blk.{i}."
-    shapes = {"attn_q": (heads[i] * head_dim, dim), "attn_k": (kv[i] * head_dim, dim),
-              "attn_v": (kv[i] * head_dim, dim), "attn_output": (dim, heads[i] * head_dim),
-              "ffn_gate": (ffn[i], dim), "ffn_up": (ffn[i], dim), "ffn_down": (dim, ffn[i])}
-    for name, shape in shapes.items():
-      if t[b + name + ".weight"].shape != shape:
-        raise GGUFError(f"{path}: {b}{name}.weight is {t[b + name + '.weight'].shape}, expected {shape} from the "
+    for name, shape in _block_shapes(cfg, i).items():
+      if tuple(shapes[b + name + ".weight"]) != shape:
+        raise GGUFError(f"{path}: {b}{name}.weight is {tuple(shapes[b + name + '.weight'])}, expected {shape} from the "
                         "metadata.")
-    params[f"layers_{i}"] = {
-        "attn_norm": {"scale": jnp.asarray(t[b + "attn_norm.weight"])},
-        "mlp_norm": {"scale": jnp.asarray(t[b + "ffn_norm.weight"])},
-        "attn": {"q_proj": {"kernel": k(_unpermute(t[b + "attn_q.weight"], heads[i]))},
-                 "k_proj": {"kernel": k(_unpermute(t[b + "attn_k.weight"], kv[i]))},
-                 "v_proj": {"kernel": k(t[b + "attn_v.weight"])},
-                 "o_proj": {"kernel": k(t[b + "attn_output.weight"])}},
-        "mlp": {"gate_proj": {"kernel": k(t[b + "ffn_gate.weight"])},
-                "up_proj": {"kernel": k(t[b + "ffn_up.weight"])},
-                "down_proj": {"kernel": k(t[b + "ffn_down.weight"])}},
-    }
-  return cfg, params, _tokenizer(path, meta)
+  return cfg
+
+
+def _block_shapes(cfg: LlamaConfig, i: int) -> dict:
+  d, dh, h, kv, f = cfg.dim, cfg.d_head, cfg.heads_of(i), cfg.kv_heads_of(i), cfg.hidden_of(i)
+  return {"attn_norm": (d,), "ffn_norm": (d,), "attn_q": (h * dh, d), "attn_k": (kv * dh, d), "attn_v": (kv * dh, d),
+          "attn_output": (d, h * dh), "ffn_gate": (f, d), "ffn_up": (f, d), "ffn_down": (d, f)}
+
+
+def block_params(cfg: LlamaConfig, i: int, get) -> dict:
+  """Block i's params (float32 numpy, `models.LlamaBlock` layout) from `get(gguf_name) -> float32 array` in
+  GGUF's (out, in) rows: kernels transposed, q/k rows un-permuted."""
+  k = lambda w: np.ascontiguousarray(np.asarray(w, np.float32).T)  # GGUF (out, in) -> Flax kernel (in, out)
+  b = f"blk.{i}."
+  return {
+      "attn_norm": {"scale": np.asarray(get(b + "attn_norm.weight"), np.float32)},
+      "mlp_norm": {"scale": np.asarray(get(b + "ffn_norm.weight"), np.float32)},
+      "attn": {"q_proj": {"kernel": k(_unpermute(get(b + "attn_q.weight"), cfg.heads_of(i)))},
+               "k_proj": {"kernel": k(_unpermute(get(b + "attn_k.weight"), cfg.kv_heads_of(i)))},
+               "v_proj": {"kernel": k(get(b + "attn_v.weight"))},
+               "o_proj": {"kernel": k(get(b + "attn_output.weight"))}},
+      "mlp": {"gate_proj": {"kernel": k(get(b + "ffn_gate.weight"))},
+              "up_proj": {"kernel": k(get(b + "ffn_up.weight"))},
+              "down_proj": {"kernel": k(get(b + "ffn_down.weight"))}},
+  }
 
 
 def _replace(cfg, **kw):
@@ -266,23 +287,28 @@ def _check_params(cfg: LlamaConfig, params: PyTree) -> None:
 def _tensors(cfg: LlamaConfig, params: PyTree):
   """(GGUF name, float32 numpy array in GGUF's (out, in) row layout) for every tensor, in llama.cpp's order."""
   f32 = lambda x: np.asarray(x, np.float32)
-  rows = lambda x: np.ascontiguousarray(f32(x).T)
   yield "token_embd.weight", f32(params["embed"]["embedding"])
   yield "output_norm.weight", f32(params["norm"]["scale"])
   if not cfg.tie_embeddings:
-    yield "output.weight", rows(params["lm_head"]["kernel"])
+    yield "output.weight", np.ascontiguousarray(f32(params["lm_head"]["kernel"]).T)
   for i in range(cfg.n_layers):
-    lp, b = params[f"layers_{i}"], f"blk.{i}."
-    a, m = lp["attn"], lp["mlp"]
-    yield b + "attn_norm.weight", f32(lp["attn_norm"]["scale"])
-    yield b + "attn_q.weight", _permute(rows(a["q_proj"]["kernel"]), cfg.heads_of(i))
-    yield b + "attn_k.weight", _permute(rows(a["k_proj"]["kernel"]), cfg.kv_heads_of(i))
-    yield b + "attn_v.weight", rows(a["v_proj"]["kernel"])
-    yield b + "attn_output.weight", rows(a["o_proj"]["kernel"])
-    yield b + "ffn_norm.weight", f32(lp["mlp_norm"]["scale"])
-    yield b + "ffn_gate.weight", rows(m["gate_proj"]["kernel"])
-    yield b + "ffn_up.weight", rows(m["up_proj"]["kernel"])
-    yield b + "ffn_down.weight", rows(m["down_proj"]["kernel"])
+    yield from block_tensors(cfg, i, params[f"layers_{i}"])
+
+
+def block_tensors(cfg: LlamaConfig, i: int, lp: PyTree):
+  """(GGUF name, float32 array in GGUF's (out, in) rows) for block i's params; inverse of `block_params`."""
+  f32 = lambda x: np.asarray(x, np.float32)
+  rows = lambda x: np.ascontiguousarray(f32(x).T)
+  a, m, b = lp["attn"], lp["mlp"], f"blk.{i}."
+  yield b + "attn_norm.weight", f32(lp["attn_norm"]["scale"])
+  yield b + "attn_q.weight", _permute(rows(a["q_proj"]["kernel"]), cfg.heads_of(i))
+  yield b + "attn_k.weight", _permute(rows(a["k_proj"]["kernel"]), cfg.kv_heads_of(i))
+  yield b + "attn_v.weight", rows(a["v_proj"]["kernel"])
+  yield b + "attn_output.weight", rows(a["o_proj"]["kernel"])
+  yield b + "ffn_norm.weight", f32(lp["mlp_norm"]["scale"])
+  yield b + "ffn_gate.weight", rows(m["gate_proj"]["kernel"])
+  yield b + "ffn_up.weight", rows(m["up_proj"]["kernel"])
+  yield b + "ffn_down.weight", rows(m["down_proj"]["kernel"])
 
 
 def _encode(gguf, arr: np.ndarray, dtype: str):

@@ -116,6 +116,37 @@ def _gradient_scores(cfg, params, calib, batch_size, kind, progress):
   return jax.tree.map(lambda w, g: jnp.abs(w * g), params, mean)
 
 
+def check_arguments(cfg: LlamaConfig, params: PyTree, calibration_tokens, method: str, sparsity: float,
+                    granularity, where, compare: Optional[str]):
+  """Checks `prune`'s arguments; returns (granularity, compare, calibration tokens, selected leaf paths).
+
+  `params` may hold `jax.ShapeDtypeStruct`s (only paths and shapes are read)."""
+  if method not in METHODS:
+    raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}.")
+  _tree.check_sparsity(sparsity)
+  g = _masks.parse_granularity(granularity) if granularity is not None else _masks.unstructured()
+  if g.kind not in ("unstructured", "nm"):
+    raise ValueError(f"LLM pruning takes unstructured or N:M granularity, got {g.kind!r}.")
+  compare = compare or ("output" if method == "wanda" else "layer")
+  if compare not in ("output", "layer"):
+    raise ValueError(f"compare must be 'output' or 'layer', got {compare!r}.")
+  calib = np.asarray(calibration_tokens)
+  if calib.ndim != 2 or not np.issubdtype(calib.dtype, np.integer):
+    raise ValueError(f"calibration_tokens must be int tokens (n, seq_len), got {calib.dtype} {calib.shape}.")
+  if calib.min() < 0 or calib.max() >= cfg.vocab_size:
+    raise ValueError(f"calibration_tokens must lie in [0, {cfg.vocab_size}).")
+  selected = _select.resolve(where, params)
+  sel_paths = {p for p, f in _tree.leaves_with_paths(selected) if f}
+  if not sel_paths:
+    raise ValueError(f"where={where!r} selects no leaf of params.")
+  for p, leaf in _tree.leaves_with_paths(params):
+    if p in sel_paths and (len(leaf.shape) != 2 or not p.startswith("layers_")):
+      raise ValueError(f"{p}: LLM pruning prunes 2-D kernels inside the decoder blocks; got shape {leaf.shape}.")
+    if p in sel_paths and g.kind == "nm" and leaf.shape[0] % g.m:
+      raise ValueError(f"{p}: N:M with m={g.m} does not divide the input axis of size {leaf.shape[0]}.")
+  return g, compare, calib, sel_paths
+
+
 def prune(model, params: PyTree, calibration_tokens, method: str = "wanda", sparsity: float = 0.5,
           granularity=None, where=BLOCK_KERNELS, *, compare: Optional[str] = None, batch_size: int = 8,
           blocksize: int = 128, percdamp: float = 0.01, progress: bool = True) -> LLMPruneResult:
@@ -141,35 +172,12 @@ def prune(model, params: PyTree, calibration_tokens, method: str = "wanda", spar
     `LLMPruneResult(params, masks, block_seconds, info)`.
   """
   cfg = _config(model)
-  if method not in METHODS:
-    raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}.")
-  _tree.check_sparsity(sparsity)
-  g = _masks.parse_granularity(granularity) if granularity is not None else _masks.unstructured()
-  if g.kind not in ("unstructured", "nm"):
-    raise ValueError(f"LLM pruning takes unstructured or N:M granularity, got {g.kind!r}.")
-  compare = compare or ("output" if method == "wanda" else "layer")
-  if compare not in ("output", "layer"):
-    raise ValueError(f"compare must be 'output' or 'layer', got {compare!r}.")
-  calib = np.asarray(calibration_tokens)
-  if calib.ndim != 2 or not np.issubdtype(calib.dtype, np.integer):
-    raise ValueError(f"calibration_tokens must be int tokens (n, seq_len), got {calib.dtype} {calib.shape}.")
-  if calib.min() < 0 or calib.max() >= cfg.vocab_size:
-    raise ValueError(f"calibration_tokens must lie in [0, {cfg.vocab_size}).")
-  selected = _select.resolve(where, params)
-  sel_paths = {p for p, f in _tree.leaves_with_paths(selected) if f}
-  if not sel_paths:
-    raise ValueError(f"where={where!r} selects no leaf of params.")
-  for p, leaf in _tree.leaves_with_paths(params):
-    if p in sel_paths and (leaf.ndim != 2 or not p.startswith("layers_")):
-      raise ValueError(f"{p}: LLM pruning prunes 2-D kernels inside the decoder blocks; got shape {leaf.shape}.")
-    if p in sel_paths and g.kind == "nm" and leaf.shape[0] % g.m:
-      raise ValueError(f"{p}: N:M with m={g.m} does not divide the input axis of size {leaf.shape[0]}.")
+  g, compare, calib, sel_paths = check_arguments(cfg, params, calibration_tokens, method, sparsity, granularity,
+                                                 where, compare)
 
   grad_scores = None
   if method in ("gradient", "taylor"):
     grad_scores = _gradient_scores(cfg, params, calib, batch_size, method, progress)
-  need = {"wanda": "sumsq", "sparsegpt": "hessian"}.get(method)
-  fn = None
   embed = params["embed"]["embedding"]
   xs = [jnp.take(embed, jnp.asarray(calib[s: s + batch_size]), axis=0) for s in range(0, len(calib), batch_size)]
 
@@ -177,11 +185,44 @@ def prune(model, params: PyTree, calibration_tokens, method: str = "wanda", spar
   new_params = jax.tree.map(lambda x: x, params)
   masks = jax.tree.map(lambda _: jnp.asarray(True), params)
   seconds = []
+  from jprune._progress import progress_bar
+  for i in progress_bar(range(cfg.n_layers), desc=f"{method} blocks", disable=not progress):
+    t0 = time.perf_counter()
+    name = f"layers_{i}"
+    prefix = name + "/"
+    selected_here = {p[len(prefix):] for p in sel_paths if p.startswith(prefix)}
+    grads = None if grad_scores is None else grad_scores[name]
+    new_params[name], block_masks, xs = prune_block(cfg.layer(i), new_params[name], xs, selected_here, method,
+                                                    sparsity, g, compare, grads, blocksize, percdamp)
+    masks[name] = block_masks
+    seconds.append(time.perf_counter() - t0)
+  info = {"method": method, "sparsity": float(sparsity), "granularity": _granularity_name(g), "compare": compare,
+          "calibration": list(calib.shape)}
+  return LLMPruneResult(new_params, masks, seconds, info)
 
-  def prune_kernels(name, part, sub, inputs):
-    """Prunes the selected kernels of `new_params[name][part][sub...]` that read `inputs` (a list)."""
-    paths = [f"{name}/{part}/{k}/kernel" for k in sub]
-    paths = [p for p in paths if p in sel_paths]
+
+def prune_block(cfg: LlamaConfig, block: PyTree, xs: list, selected, method: str, sparsity: float, g, compare: str,
+                grad_scores: Optional[PyTree] = None, blocksize: int = 128, percdamp: float = 0.01):
+  """Prunes one decoder block from its calibration inputs; returns (new block params, block masks, block outputs).
+
+  Args:
+    cfg: the block's config (`LlamaConfig.layer(i)`: its own widths).
+    block: the block's params (`models.LlamaBlock` layout).
+    xs: the block's inputs, a list of (batch, seq, dim) arrays (the calibration set in device-sized pieces).
+    selected: the block-relative kernel paths to prune, like {"attn/q_proj/kernel", "mlp/down_proj/kernel"}.
+    method, sparsity, g, compare, blocksize, percdamp: as in `prune` (g a parsed `Granularity`).
+    grad_scores: the block's gradient scores ("gradient"/"taylor" only).
+
+  Inside the block each layer sees the outputs of the layers before it, already pruned (SparseGPT's order), and
+  the outputs returned are the pruned block's, so the next block is calibrated on what it will really see.
+  """
+  fn = _stages(cfg)   # blocks of equal widths share their compiled stages
+  need = {"wanda": "sumsq", "sparsegpt": "hessian"}.get(method)
+  block = jax.tree.map(lambda x: x, dict(block))
+  masks = jax.tree.map(lambda _: jnp.asarray(True), block)
+
+  def prune_kernels(part, sub, inputs):
+    paths = [p for p in (f"{part}/{k}/kernel" for k in sub) if p in selected]
     if not paths:
       return
     stat = None
@@ -190,42 +231,32 @@ def prune(model, params: PyTree, calibration_tokens, method: str = "wanda", spar
         st = fn[need](a)
         stat = st if stat is None else stat + st
     for p in paths:
-      w = _get(new_params, p)
-      new_w, keep = _prune_kernel(w, method, sparsity, g, compare, stat,
+      new_w, keep = _prune_kernel(_get(block, p), method, sparsity, g, compare, stat,
                                   None if grad_scores is None else _get(grad_scores, p), blocksize, percdamp)
-      _set(new_params, p, new_w)
+      _set(block, p, new_w)
       _set(masks, p, keep)
 
-  from jprune._progress import progress_bar
-  for i in progress_bar(range(cfg.n_layers), desc=f"{method} blocks", disable=not progress):
-    t0 = time.perf_counter()
-    name = f"layers_{i}"
-    fn = _stages(cfg.layer(i))   # blocks of equal widths share their compiled stages
-    if not need:  # scores do not depend on activations: prune, then one forward
-      prune_kernels(name, "attn", ("q_proj", "k_proj", "v_proj", "o_proj"), [])
-      prune_kernels(name, "mlp", ("gate_proj", "up_proj", "down_proj"), [])
-      xs = [fn["block"](new_params[name], x) for x in xs]
-    else:  # sequential inside the block: each layer sees the outputs of the already-pruned layers before it
-      bp = new_params[name]
-      a = [fn["norm"](bp["attn_norm"], x) for x in xs]
-      prune_kernels(name, "attn", ("q_proj", "k_proj", "v_proj"), a)
-      mix = [fn["mix"](new_params[name]["attn"], x) for x in a]
-      del a
-      prune_kernels(name, "attn", ("o_proj",), mix)
-      hs = [fn["o"](new_params[name]["attn"], x, m) for x, m in zip(xs, mix)]
-      del mix, xs
-      b = [fn["norm"](bp["mlp_norm"], h) for h in hs]
-      prune_kernels(name, "mlp", ("gate_proj", "up_proj"), b)
-      c = [fn["hidden"](new_params[name]["mlp"], x) for x in b]
-      del b
-      prune_kernels(name, "mlp", ("down_proj",), c)
-      xs = [fn["down"](new_params[name]["mlp"], h, x) for h, x in zip(hs, c)]
-      del c, hs
-    jax.block_until_ready(xs)
-    seconds.append(time.perf_counter() - t0)
-  info = {"method": method, "sparsity": float(sparsity), "granularity": _granularity_name(g), "compare": compare,
-          "calibration": list(calib.shape)}
-  return LLMPruneResult(new_params, masks, seconds, info)
+  if not need:  # scores do not depend on activations: prune, then one forward
+    prune_kernels("attn", ("q_proj", "k_proj", "v_proj", "o_proj"), [])
+    prune_kernels("mlp", ("gate_proj", "up_proj", "down_proj"), [])
+    xs = [fn["block"](block, x) for x in xs]
+  else:  # sequential inside the block: each layer sees the outputs of the already-pruned layers before it
+    a = [fn["norm"](block["attn_norm"], x) for x in xs]
+    prune_kernels("attn", ("q_proj", "k_proj", "v_proj"), a)
+    mix = [fn["mix"](block["attn"], x) for x in a]
+    del a
+    prune_kernels("attn", ("o_proj",), mix)
+    hs = [fn["o"](block["attn"], x, m) for x, m in zip(xs, mix)]
+    del mix, xs
+    b = [fn["norm"](block["mlp_norm"], h) for h in hs]
+    prune_kernels("mlp", ("gate_proj", "up_proj"), b)
+    c = [fn["hidden"](block["mlp"], x) for x in b]
+    del b
+    prune_kernels("mlp", ("down_proj",), c)
+    xs = [fn["down"](block["mlp"], h, x) for h, x in zip(hs, c)]
+    del c, hs
+  jax.block_until_ready(xs)
+  return block, masks, xs
 
 
 def _granularity_name(g) -> str:
