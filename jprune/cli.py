@@ -92,7 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
   lm.add_argument("--prompt", default="The capital of France is")
   lm.add_argument("--out", default="runs/llm")
   lm.add_argument("--export", default=None, help="write the pruned model as a GGUF file llama.cpp loads")
-  lm.add_argument("--export-dtype", default="f32", choices=("f32", "f16", "q8_0"), help="GGUF weight type")
+  lm.add_argument("--export-dtype", default=None, choices=("f32", "f16", "q8_0"),
+                  help="GGUF weight type (default f32; with --stream: each tensor keeps its type)")
+  lm.add_argument("--stream", action="store_true",
+                  help="prune --gguf block by block from a memory map into --export (memory: about one block, "
+                  "any model size); reports no perplexity (that would load the whole model)")
   lm.add_argument("--llamacpp", action="store_true",
                   help="run the exported GGUF in llama.cpp (node-llama-cpp): perplexity and tokens/s vs dense")
   st = lm.add_argument_group("structured (width) pruning and recovery")
@@ -157,13 +161,22 @@ def _llm(args) -> None:
   if args.text:
     with open(args.text, encoding="utf-8", errors="replace") as f:
       text = f.read()
-  if args.structured:
+  if args.structured and not args.stream:
+    if args.export_dtype is None:
+      args.export_dtype = "f32"
     return _llm_structured(args, text)
-  sparsity = 0.5 if args.sparsity is None else _floats(args.sparsity)
+  try:
+    sparsity = 0.5 if args.sparsity is None else _floats(args.sparsity)
+  except argparse.ArgumentTypeError as e:
+    raise ValueError(f"--sparsity: {e}") from None
   if isinstance(sparsity, list):
     if len(sparsity) != 1:
       raise ValueError(f"--sparsity takes one value without --structured, got {args.sparsity!r}.")
     sparsity = sparsity[0]
+  if args.stream:
+    return _llm_stream(args, text, sparsity)
+  if args.export_dtype is None:
+    args.export_dtype = "f32"
   m = llm.run_report(args.out, args.method, sparsity, args.granularity, gguf=args.gguf, text=text,
                      calib=args.calib, calib_len=args.calib_len, eval_windows=args.eval_windows,
                      eval_len=args.eval_len, batch_size=args.batch_size, prompt=args.prompt,
@@ -176,6 +189,30 @@ def _llm(args) -> None:
         f"{m['seconds']:.1f} s")
   print(f"sample: {m['sample']!r}")
   print(f"report: {os.path.join(args.out, 'report.md')}")
+
+
+def _llm_stream(args, text, sparsity) -> None:
+  from jprune import llm
+  from jprune.llm import gguf as G
+  if args.structured:
+    raise ValueError("--stream prunes unstructured or N:M (Wanda, SparseGPT, magnitude); drop --structured.")
+  if not args.export:
+    raise ValueError("--stream writes the pruned model as it goes: give --export PATH.gguf.")
+  source = args.gguf or llm.smollm2_path()
+  reader = G._reader(source)
+  meta, _ = G._fields(reader)
+  del reader
+  tok = G._tokenizer(source, meta)
+  ids = tok.encode(text if text is not None else llm.jargon_text())
+  calib, _ = llm.split_text_tokens(ids, args.calib, args.calib_len, 0, 1)
+  r = llm.prune_gguf(source, args.export, calib, method=args.method, sparsity=sparsity,
+                     granularity=args.granularity, dtype=args.export_dtype, batch_size=args.batch_size,
+                     progress=not args.no_progress)
+  import resource
+  size = f"{r['bytes'] / 1e9:.2f} GB" if r["bytes"] >= 1e9 else f"{r['bytes'] / 1e6:.1f} MB"
+  print(f"{args.export}: {size}, {r['pruned_params'] / max(r['selected_params'], 1):.1%} of "
+        f"{r['selected_params']:,} block weights pruned ({args.method}, {r['info']['granularity']}); "
+        f"{r['seconds']:.1f} s, peak memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
 
 
 def _llm_structured(args, text) -> None:

@@ -153,3 +153,30 @@ def test_llamacpp_runs_the_streamed_file_like_jprune(tmp_path):
   ppl = llm.perplexity(cfg2, pruned, windows, seq_len=48)
   assert abs(ppl_cpp / ppl - 1) < 0.01, (ppl_cpp, ppl)
   assert abs(ppl / llm.perplexity(cfg, params, windows, seq_len=48) - 1) > 1e-3   # pruning changed the model
+
+
+def test_cli_stream_writes_the_pruned_gguf(tmp_path, capsys):
+  from jprune import cli
+  src = str(tmp_path / "tiny.gguf")
+  _write_tiny_gguf(src, np.random.default_rng(2))
+  text = tmp_path / "text.txt"
+  text.write_text("in the answer, an antenna and the thin tin man " * 40)
+  out = str(tmp_path / "pruned.gguf")
+  args = ["llm", "--stream", "--gguf", src, "--text", str(text), "--method", "wanda", "--sparsity", "0.6", "--calib",
+          "4", "--calib-len", "16", "--export", out, "--no-progress"]
+  assert cli.main(args) == 0
+  printed = capsys.readouterr().out
+  cfg, params, tok = llm.load_gguf(src)
+  ids = tok.encode(text.read_text())
+  calib, _ = llm.split_text_tokens(ids, 4, 16, 0, 1)
+  ref = llm.prune(cfg, params, calib, method="wanda", sparsity=0.6, progress=False)
+  _, got, _ = llm.load_gguf(out)
+  for a, b in zip(_leaves(ref.params), _leaves(got)):
+    np.testing.assert_array_equal(a, b)
+  masks = [np.asarray(m) for m in jax.tree.leaves(ref.masks) if np.ndim(m)]
+  pruned, total = sum(int((~m).sum()) for m in masks), sum(m.size for m in masks)
+  assert f"{pruned / total:.1%} of {total:,} block weights pruned (wanda, unstructured)" in printed
+  assert cli.main(["llm", "--stream", "--gguf", src, "--no-progress"]) == 1
+  assert "give --export" in capsys.readouterr().err
+  assert cli.main(["llm", "--stream", "--gguf", src, "--export", out, "--method", "taylor", "--no-progress"]) == 1
+  assert "needs the gradient of the whole model" in capsys.readouterr().err

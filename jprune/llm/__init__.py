@@ -10,6 +10,7 @@ Modules, one idea each:
   eval        perplexity and greedy generation
   prune       one-shot unstructured / N:M pruning block by block (magnitude, gradient, taylor, wanda, sparsegpt)
   sparsegpt   the SparseGPT reconstruction of one kernel
+  stream      prune a GGUF block by block from a memory map, writing the pruned GGUF as it goes (bounded memory)
   job         the `jprune llm` command's report
 """
 
@@ -19,6 +20,7 @@ from jprune.llm.job import run_report
 from jprune.llm.prune import _choose  # noqa: F401 (old name)
 from jprune.llm.prune import BLOCK_KERNELS, METHODS, LLMPruneResult, _STAGE_CACHE, prune
 from jprune.llm.sparsegpt import sparsegpt
+from jprune.llm.stream import prune_gguf, random_gguf
 from jprune.llm.text import JARGON, jargon_text, split_text_tokens, token_windows
 from jprune.llm.tokenizer import Tokenizer
 
@@ -30,5 +32,5 @@ def clear_caches() -> None:
 
 
 __all__ = ["BLOCK_KERNELS", "GGUFError", "JARGON", "LLMPruneResult", "METHODS", "Tokenizer", "clear_caches", "generate",
-           "jargon_text", "load_gguf", "perplexity", "prune", "read_gguf", "run_report", "save_gguf", "smollm2_path",
-           "sparsegpt", "split_text_tokens", "token_windows"]
+           "jargon_text", "load_gguf", "perplexity", "prune", "prune_gguf", "random_gguf", "read_gguf", "run_report",
+           "save_gguf", "smollm2_path", "sparsegpt", "split_text_tokens", "token_windows"]
