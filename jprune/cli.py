@@ -42,6 +42,25 @@ def _common(p: argparse.ArgumentParser):
   p.add_argument("--compact", action="store_true",
                  help="with --granularity neurons: remove pruned units and report the smaller model")
   p.add_argument("--no-progress", action="store_true")
+  d = p.add_argument_group("several processes (JAX's distributed runtime; data-parallel over every device)")
+  d.add_argument("--distributed", action="store_true",
+                 help="call jax.distributed.initialize(): on SLURM, Open MPI, Kubernetes and TPU pods it finds its "
+                 "settings itself; elsewhere give the three below (or JAX_COORDINATOR_ADDRESS)")
+  d.add_argument("--coordinator", default=None, help="host:port of process 0")
+  d.add_argument("--num-processes", type=int, default=None)
+  d.add_argument("--process-id", type=int, default=None)
+
+
+def _start_distributed(args) -> None:
+  """jax.distributed.initialize with the given settings (None: JAX's environment detection); CPU uses gloo."""
+  import jax
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")   # GPUs/TPUs use their own collectives
+  try:
+    jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+  except (ValueError, RuntimeError) as e:
+    raise ValueError(f"--distributed: JAX's distributed runtime did not start ({type(e).__name__}: "
+                     f"{str(e).splitlines()[0][:300]}); give --coordinator HOST:PORT --num-processes N "
+                     "--process-id I, or run under SLURM / a TPU pod.") from None
 
 
 def _config(args):
@@ -262,9 +281,16 @@ def main(argv=None) -> int:
   from jprune.checkpoint import CheckpointError
   cfg = _config(args)
   try:
+    if args.distributed:
+      if args.command != "run":
+        raise ValueError(f"--distributed is for `jprune run`; `jprune {args.command}` runs in one process.")
+      _start_distributed(args)
     job.validate(cfg)
     if args.command == "run":
       m = job.run(cfg)
+      import jax
+      if jax.process_index() != 0:   # every process computed the same metrics; process 0 reports them
+        return 0
       print()
       print(_summary_table(m))
       print(f"\ndense top-1 {100 * m['dense']['top1']:.2f}% | pruned ({m['sparsity']:.1%} sparse) top-1 "

@@ -207,7 +207,14 @@ def _adam(lr, wd, steps):
 
 
 def load_data(cfg: RunConfig) -> _data.Dataset:
-  ds = _data.load(cfg.dataset, data_dir=cfg.data_dir, limit=cfg.limit)
+  load = lambda: _data.load(cfg.dataset, data_dir=cfg.data_dir, limit=cfg.limit)
+  if jax.process_count() == 1:
+    ds = load()
+  else:   # several processes: process 0 prepares the tfds files once, the others then read them
+    from jax.experimental import multihost_utils
+    ds = load() if jax.process_index() == 0 else None
+    multihost_utils.sync_global_devices("jprune: data prepared")
+    ds = ds if ds is not None else load()
   _check_data(cfg, ds)
   return ds
 
@@ -337,6 +344,8 @@ def _groups(model, params, stats, ds):
 def run(cfg: RunConfig, ds: Optional[_data.Dataset] = None, dense=None) -> dict:
   """The whole job; returns the metrics it writes to out/metrics.json (one job per `out` at a time)."""
   validate(cfg)
+  if jax.process_index() != 0:   # several processes (jax.distributed): process 0 holds the lock and writes reports
+    return _run(cfg, ds, dense)
   with _locked(cfg.out):
     return _run(cfg, ds, dense)
 
@@ -381,6 +390,8 @@ def _run(cfg: RunConfig, ds, dense) -> dict:
       "history": {"dense": dense_hist, "finetune": res["history"]},
       "summary": summ.to_dict(),
   }
+  if jax.process_index() != 0:
+    return metrics
   tmp = out / "metrics.json.tmp"
   tmp.write_text(json.dumps(metrics, indent=1, default=float))
   os.replace(tmp, out / "metrics.json")

@@ -83,6 +83,29 @@ def evaluate(model, params, batch_stats, x, y, batch_size: int = 1000, noise: fl
   return {"top1": top1 / n, "top5": top5 / n, "loss": loss / n}
 
 
+class _Placement:
+  """Where `fit` puts its arrays when several JAX processes run it (`jax.distributed`): the state replicated on
+  every device of every process, each batch split over all devices along its first axis (data parallel). Every
+  process holds the same data and draws the same batches, so each contributes the rows of its own devices."""
+
+  def __init__(self):
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec
+    mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
+    self.replicated = NamedSharding(mesh, PartitionSpec())
+    self.split = NamedSharding(mesh, PartitionSpec("data"))
+    self.n = jax.device_count()
+
+  def state(self, tree):
+    return jax.device_put(tree, self.replicated)
+
+  def batch(self, x):   # a batch that does not divide over the devices (the last one) is replicated instead
+    return jax.device_put(x, self.split if len(x) % self.n == 0 else self.replicated)
+
+
+def _placement() -> Optional[_Placement]:
+  return _Placement() if jax.process_count() > 1 else None
+
+
 def fit(model, state: dict, tx, ds: _data.Dataset, *, epochs: int, batch_size: int, seed: int,
         ckpt_dir: Optional[str] = None, save_every: int = 200, desc: str = "train", progress: bool = True,
         teacher=None, history: Optional[list] = None, on_epoch: Optional[Callable] = None,
@@ -102,6 +125,9 @@ def fit(model, state: dict, tx, ds: _data.Dataset, *, epochs: int, batch_size: i
   if identity is not None:
     identity = json.loads(json.dumps(identity, default=str))   # as it reads back from the checkpoint
     metadata = dict(metadata or {}, identity=identity)
+  place = _placement()
+  if place is not None:
+    state = place.state(state)
   if mngr is not None and mngr.latest_step() is not None:
     if identity is not None:
       saved = mngr.metadata().get("identity")
@@ -111,7 +137,7 @@ def fit(model, state: dict, tx, ds: _data.Dataset, *, epochs: int, batch_size: i
         raise _checkpoint.CheckpointError(
             f"{ckpt_dir} holds checkpoints of another run (differs in: {', '.join(differ) or 'format'}); "
             f"nothing was resumed: use another --out or remove that folder.")
-    state = mngr.restore(like=jax.eval_shape(lambda s: s, state))
+    state = mngr.restore(like=state if place is not None else jax.eval_shape(lambda s: s, state))
     history = list(mngr.metadata().get("history", []))
   step_fn = make_step(model, tx, teacher=teacher)
   epoch, start = (int(v) for v in np.asarray(state["pos"]))
@@ -122,17 +148,19 @@ def fit(model, state: dict, tx, ds: _data.Dataset, *, epochs: int, batch_size: i
       losses = []
       for b, (xb, yb) in enumerate(_data.batches(ds.x_train, ds.y_train, batch_size, seed=seed, epoch=epoch,
                                                  start=start), start=start):
+        if place is not None:
+          xb, yb = place.batch(xb), place.batch(yb)
         state, loss = step_fn(state, xb, yb)
         losses.append(loss)
         done += 1
         bar.update(1)
-        state["pos"] = jnp.asarray([epoch, b + 1], jnp.int32)
+        state["pos"] = _pos(place, epoch, b + 1)
         if mngr is not None and done % save_every == 0 and b + 1 < steps_per_epoch:
           mngr.save(done, state, metadata=dict(metadata or {}, history=history), force=True)
         if b % 50 == 0:
           bar.set_postfix(loss=f"{float(loss):.3f}")
       epoch, start = epoch + 1, 0
-      state["pos"] = jnp.asarray([epoch, 0], jnp.int32)
+      state["pos"] = _pos(place, epoch, 0)
       acc = evaluate(model, state["params"], state.get("batch_stats"), ds.x_test, ds.y_test)["top1"]
       entry = {"epoch": epoch, "train_loss": float(np.mean([float(l) for l in losses])) if losses else None,
                "test_top1": acc}
@@ -146,6 +174,11 @@ def fit(model, state: dict, tx, ds: _data.Dataset, *, epochs: int, batch_size: i
     if mngr is not None:
       mngr.close()
   return state, history
+
+
+def _pos(place, epoch: int, batch: int):
+  pos = jnp.asarray([epoch, batch], jnp.int32)
+  return pos if place is None else place.state(pos)
 
 
 def timed(fn, *args):
