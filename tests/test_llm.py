@@ -200,7 +200,7 @@ def _np_forward(t: dict, meta: dict, tokens) -> np.ndarray:
   return x @ (t["output.weight"] if "output.weight" in t else emb).T
 
 
-def _write_tiny_gguf(path, rng, tied=True):
+def _write_tiny_gguf(path, rng, tied=True, extra=None):
   import gguf
   n_h, n_kv, dim, hid, layers = 4, 2, 32, 48, 2
   b2u = _bytes_to_unicode()
@@ -238,6 +238,8 @@ def _write_tiny_gguf(path, rng, tied=True):
     w.add_tensor(f"blk.{i}.ffn_gate.weight", f(hid, dim))
     w.add_tensor(f"blk.{i}.ffn_up.weight", f(hid, dim))
     w.add_tensor(f"blk.{i}.ffn_down.weight", f(dim, hid))
+  for name, value in (extra or {}).items():
+    w.add_tensor(name, value)
   w.write_header_to_file()
   w.write_kv_data_to_file()
   w.write_tensors_to_file()

@@ -180,3 +180,30 @@ def test_cli_stream_writes_the_pruned_gguf(tmp_path, capsys):
   assert "give --export" in capsys.readouterr().err
   assert cli.main(["llm", "--stream", "--gguf", src, "--export", out, "--method", "taylor", "--no-progress"]) == 1
   assert "needs the gradient of the whole model" in capsys.readouterr().err
+
+
+def test_compacted_deci_file_and_unused_tensors_carried_over(tmp_path):
+  from test_llm_export import _tiny_compacted
+  src = str(tmp_path / "tiny.gguf")
+  rope = np.linspace(1, 2, 4).astype(np.float32)   # a tensor jprune's Llama does not use (Llama 3's rope_freqs)
+  _write_tiny_gguf(src, np.random.default_rng(7), tied=False, extra={"rope_freqs.weight": rope})
+  cfg, params, tok = llm.load_gguf(src)
+  small_cfg, small, _ = _tiny_compacted(cfg, params)          # per-block widths: written as `deci`
+  deci = str(tmp_path / "deci.gguf")
+  assert llm.save_gguf(deci, small_cfg, small, tok)["architecture"] == "deci"
+  calib = np.random.default_rng(4).integers(0, cfg.vocab_size, (4, 16))
+  for path in (src, deci):
+    c, p, _ = llm.load_gguf(path)
+    ref = llm.prune(c, p, calib, method="sparsegpt", blocksize=8, progress=False)
+    out = str(tmp_path / "out.gguf")
+    stream.prune_gguf(path, out, calib, method="sparsegpt", blocksize=8, progress=False)
+    c2, got, _ = llm.load_gguf(out)
+    assert c2 == c
+    for a, b in zip(_leaves(ref.params), _leaves(got)):
+      np.testing.assert_array_equal(a, b)
+    meta_in, _ = llm.read_gguf(path)
+    meta_out, tensors_out = llm.read_gguf(out)
+    assert {k: v for k, v in meta_in.items() if not k.startswith("GGUF.")} == {
+        k: v for k, v in meta_out.items() if not k.startswith("GGUF.")}
+    if path == src:
+      np.testing.assert_array_equal(tensors_out["rope_freqs.weight"], rope)

@@ -155,6 +155,9 @@ def prune_gguf(source: str, target: str, calibration_tokens, method: str = "wand
                max_blocks: Optional[int] = None, progress: bool = True) -> dict:
   """Prunes a Llama GGUF one block at a time from a memory map and writes the pruned GGUF as it goes.
 
+  Every metadata field and every tensor the model does not prune is carried over unchanged (tensors jprune's
+  Llama does not use, such as Llama 3's `rope_freqs`, too).
+
   Same pruning as `llm.prune` (Wanda, SparseGPT or magnitude; unstructured or N:M; block by block, each block
   calibrated on the pruned blocks' outputs), with memory bounded by one block: see the module docstring.
 
@@ -205,8 +208,11 @@ def prune_gguf(source: str, target: str, calibration_tokens, method: str = "wand
     i, rest = path.split("/", 1)
     pruned_names.add((int(i[len("layers_"):]), rest))
   rewritten = {f"blk.{i}.{_GGUF_NAME[rest]}.weight" for i, rest in pruned_names if i < n_prune}
+  head = _order(cfg)[: 3 - cfg.tie_embeddings]
+  extra = [name for name in tensors if name not in set(_order(cfg))]   # e.g. rope_freqs: not used, kept as is
+  order = head + extra + _order(cfg)[len(head):]
   plan, kinds = [], {}
-  for name in _order(cfg):
+  for name in order:
     kind, raw = _plan(gguf, tensors[name], dtype, name in rewritten)
     kinds[name] = (kind, raw)
     plan.append((name, shapes[name], kind))
@@ -231,13 +237,13 @@ def prune_gguf(source: str, target: str, calibration_tokens, method: str = "wand
       ids = calib[s: s + batch_size]
       rows = gguf.quants.dequantize(np.asarray(emb.data[ids.reshape(-1)]), emb.tensor_type)
       xs.append(jnp.asarray(np.asarray(rows, np.float32).reshape(*ids.shape, cfg.dim)))
-    for name in _order(cfg)[: 3 - cfg.tie_embeddings]:
+    for name in head + extra:
       put(name)
     _release(reader)
     from jprune._progress import progress_bar
     for i in progress_bar(range(cfg.n_layers), desc=f"{method} blocks (streamed)", disable=not progress):
       b0 = time.perf_counter()
-      names = _order(cfg)[3 - cfg.tie_embeddings + 9 * i: 3 - cfg.tie_embeddings + 9 * (i + 1)]
+      names = _order(cfg)[len(head) + 9 * i: len(head) + 9 * (i + 1)]
       if i >= n_prune:
         for name in names:
           put(name)
