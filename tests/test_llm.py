@@ -65,6 +65,32 @@ def test_nm_exact_along_input_axis(tiny, method, n, m):
     assert np.all(groups == n), p
 
 
+@pytest.mark.parametrize("kind", ["continuous", "ties", "zeros", "signed-nan-inf"])
+def test_per_output_mask_prunes_exactly_the_k_lowest_of_every_column(kind):
+  """Wanda's per-output choice against numpy: a stable argsort of each column's order-preserving keys."""
+  from jprune import masks as M
+  from jprune.llm.prune import _per_output_mask
+  rng = np.random.default_rng(3)
+  x = rng.standard_normal((300, 7)).astype(np.float32)
+  if kind != "signed-nan-inf":
+    x = np.abs(x)
+  if kind == "ties":        # few distinct values: ties straddle the k-th in most columns
+    x = np.round(x * 2) / 2
+  if kind == "zeros":       # whole columns and rows of zeros (weights pruned before, or quantized to 0)
+    x[:, :3] = 0
+    x[:100] = 0
+  if kind == "signed-nan-inf":
+    x[rng.random(x.shape) < 0.1] = np.nan
+    x[rng.random(x.shape) < 0.05] = -np.inf
+    x[rng.random(x.shape) < 0.05] = np.inf
+  keys = np.asarray(M._keys(jnp.asarray(x))).astype(np.int64)
+  for k in (0, 1, 150, 299, 300):
+    want = np.ones(x.shape, bool)
+    for c in range(x.shape[1]):
+      want[np.argsort(keys[:, c], kind="stable")[:k], c] = False
+    np.testing.assert_array_equal(np.asarray(_per_output_mask(jnp.asarray(x), k=k)), want, err_msg=f"k={k}")
+
+
 def test_sparsegpt_reconstructs_better_than_magnitude_and_wanda():
   rng = np.random.default_rng(0)
   d_in, d_out, tokens = 64, 48, 512

@@ -65,14 +65,36 @@ def _stages(cfg: LlamaConfig):
 
 @jax.jit(static_argnames=("k",))
 def _per_output_mask(score: jax.Array, k: int) -> jax.Array:
-  """Keep-mask pruning exactly the k lowest scores of every output column (kernel (in, out)).
+  """Keep-mask pruning exactly the k lowest scores of every output column (kernel (in, out)); ties by row index.
 
-  The core's counting search, vmapped over columns (no sort); ties by row index.
+  All columns at once, by counting passes only (no sort, no cumsum): 32 passes fix the k-th smallest key of each
+  column bit by bit (keys are the scores' order-preserving integers), and where ties straddle it, log2(in)
+  passes more find the row of each column's last pruned tie.
   """
   if k == 0:
     return jnp.ones(score.shape, bool)
-  lowest = lambda col: _masks.prune_lowest([(col, None)], k, _masks._unit_key)[0]
-  return jax.vmap(lowest, in_axes=1, out_axes=1)(score)
+  u = jax.lax.bitcast_convert_type(_masks._keys(score), jnp.uint32) ^ jnp.uint32(0x80000000)   # unsigned, same order
+
+  def key_bit(i, v):   # v: per column, the largest key value with #(u < v) < k, built from the top bit down
+    bit = jnp.uint32(1) << (jnp.uint32(31) - i.astype(jnp.uint32))
+    below = jnp.sum(u < (v + bit)[None, :], axis=0, dtype=jnp.int32)
+    return jnp.where(below < k, v + bit, v)
+
+  v = jax.lax.fori_loop(0, 32, key_bit, jnp.zeros(score.shape[1], jnp.uint32))[None, :]   # the k-th smallest
+  r = k - jnp.sum(u < v, axis=0, dtype=jnp.int32)          # ties at v to prune, per column (>= 1)
+  ties = jnp.sum(u == v, axis=0, dtype=jnp.int32)
+  rows = jnp.arange(score.shape[0], dtype=jnp.int32)[:, None]
+  n_bits = max(1, int(score.shape[0]).bit_length())
+
+  def straddle(_):
+    def row_bit(i, t):   # t: per column, the largest row with #(ties in rows < t) < r: the r-th tie's row
+      bit = jnp.int32(1) << (jnp.int32(n_bits - 1) - i)
+      c = jnp.sum((u == v) & (rows < (t + bit)[None, :]), axis=0, dtype=jnp.int32)
+      return jnp.where(c < r, t + bit, t)
+    t = jax.lax.fori_loop(0, n_bits, row_bit, jnp.zeros(score.shape[1], jnp.int32))[None, :]
+    return (u > v) | ((u == v) & (rows > t))
+
+  return jax.lax.cond(jnp.any(r < ties), straddle, lambda _: u > v, None)
 
 
 @jax.jit(static_argnames=("sparsity", "g", "compare"))
