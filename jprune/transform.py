@@ -129,6 +129,10 @@ def pruned(tx: optax.GradientTransformation, *, criterion: Optional[_criteria.Cr
     raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}.")
   if distribution is not None and scope == "global":
     raise ValueError("a distribution sets per-layer targets; it needs scope='layer'.")
+  fixed = getattr(distribution, "sparsity", None)
+  if fixed is not None:   # it would be ignored: the schedule's value is the target at every step
+    raise ValueError(f"distribution was built with sparsity {fixed}, but pruned() takes the target from the "
+                     f"schedule; pass the distribution without one (e.g. jp.erk()) and put {fixed} in the schedule.")
   dst = regrow if isinstance(regrow, str) else None
   if dst is not None:
     if dst not in _DST:

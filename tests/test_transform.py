@@ -171,3 +171,16 @@ def test_non_finite_params_at_pruned_entries_are_documented_behaviour():
   assert np.isnan(after[1:4]).all()                                             # NaN/inf at pruned entries -> NaN
   np.testing.assert_array_equal(np.asarray(jp.apply(params, masks)["Dense_0"]["kernel"])[0],
                                 [1.0, 0.0, 0.0, 0.0, 0.0, 3.0])
+
+
+def test_distribution_with_its_own_sparsity_is_refused_not_ignored():
+  # the schedule's value is the target at every step; a sparsity fixed in the distribution would be ignored
+  with pytest.raises(ValueError, match=r"built with sparsity 0.9.*put 0.9 in the schedule"):
+    jp.pruned(optax.sgd(0.1), schedule=jp.constant(0.5), distribution=jp.erk(0.9))
+  with pytest.raises(ValueError, match="built with sparsity 0.7"):
+    jp.pruned(optax.sgd(0.1), schedule=jp.constant(0.5), distribution=jp.distribution.uniform(0.7))
+  params = {"a": {"kernel": jnp.ones((8, 8))}, "b": {"kernel": jnp.ones((8, 32))}}
+  tx = jp.pruned(optax.sgd(0.1), schedule=jp.constant(0.5), distribution=jp.erk())   # the schedule's 0.5
+  state = tx.init(params)
+  _, state = tx.update(params, state, params)
+  assert abs(float(jp.sparsity(jp.masks_of(state), params)) - 0.5) < 0.01
