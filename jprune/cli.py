@@ -319,7 +319,7 @@ def main(argv=None) -> int:
 
 
 def _summary_table(m) -> str:
-  rows = m["summary"]["leaves"] + [m["summary"]["total"]]
+  rows = m["summary"]["leaves"] + [r for r in (m["summary"].get("masked"), m["summary"]["total"]) if r]
   w = max(len(r["path"]) for r in rows)
   lines = [f"{'path':<{w}}  {'kept':>10} {'size':>10} {'sparsity':>9}"]
   for r in rows:

@@ -25,26 +25,39 @@ class Row(NamedTuple):
 
 
 class Summary(NamedTuple):
+  """`rows` per leaf; `total` over every leaf; `masked` over the leaves that carry a mask (the pruned ones: its
+  sparsity is the one a pruning target refers to; `total` also counts biases, norms and other unpruned leaves)."""
   rows: list
   total: Row
+  masked: Row = None
+
+  def _totals(self) -> list:
+    return ([self.masked] if self.masked is not None else []) + [self.total]
 
   def to_dict(self) -> dict:
-    return {"leaves": [r._asdict() for r in self.rows], "total": self.total._asdict()}
+    out = {"leaves": [r._asdict() for r in self.rows], "total": self.total._asdict()}
+    if self.masked is not None:
+      out["masked"] = self.masked._asdict()
+    return out
 
   def markdown(self) -> str:
     head = "| path | shape | kept | sparsity | dense bytes | sparse bytes |\n|---|---|---:|---:|---:|---:|\n"
-    body = "".join(f"| {r.path} | {r.shape} | {r.kept:,} / {r.size:,} | {r.sparsity:.2%} | {r.dense_bytes:,} | "
-                   f"{r.sparse_bytes:,} |\n" for r in self.rows + [self.total])
+    body = "".join(f"| {r.path} | {_shape(r)} | {r.kept:,} / {r.size:,} | {r.sparsity:.2%} | {r.dense_bytes:,} | "
+                   f"{r.sparse_bytes:,} |\n" for r in self.rows + self._totals())
     return head + body
 
   def __str__(self) -> str:
-    w = max([len(r.path) for r in self.rows] + [5])
+    w = max([len(r.path) for r in self.rows + self._totals()] + [5])
     lines = [f"{'path':<{w}}  {'shape':<18} {'kept':>12} {'size':>12} {'sparsity':>9} {'dense B':>12} "
              f"{'sparse B':>12}"]
-    for r in self.rows + [self.total]:
-      lines.append(f"{r.path:<{w}}  {str(r.shape):<18} {r.kept:>12,} {r.size:>12,} {r.sparsity:>9.2%} "
+    for r in self.rows + self._totals():
+      lines.append(f"{r.path:<{w}}  {_shape(r):<18} {r.kept:>12,} {r.size:>12,} {r.sparsity:>9.2%} "
                    f"{r.dense_bytes:>12,} {r.sparse_bytes:>12,}")
     return "\n".join(lines)
+
+
+def _shape(r: Row) -> str:
+  return "" if r.path.startswith("total") else str(r.shape)
 
 
 def summary(params, masks=None) -> Summary:
@@ -70,11 +83,16 @@ def summary(params, masks=None) -> Summary:
       sparse = kept * item + math.ceil(size / 8)
     rows.append(Row(path, tuple(p.shape), str(jnp.dtype(p.dtype)), size, kept, 1 - kept / max(size, 1), dense,
                     sparse))
-  size = sum(r.size for r in rows)
-  kept = sum(r.kept for r in rows)
-  total = Row("total", (), "", size, kept, 1 - kept / max(size, 1), sum(r.dense_bytes for r in rows),
-              sum(r.sparse_bytes for r in rows))
-  return Summary(rows, total)
+  return Summary(rows, _total("total", rows), _total("total (masked leaves)", [r for r, m in zip(rows, m_leaves)
+                                                                          if m is not None and np.ndim(m) > 0]))
+
+
+def _total(name: str, rows: list):
+  if not rows:
+    return None
+  size, kept = sum(r.size for r in rows), sum(r.kept for r in rows)
+  return Row(name, (), "", size, kept, 1 - kept / max(size, 1), sum(r.dense_bytes for r in rows),
+             sum(r.sparse_bytes for r in rows))
 
 
 def flops(fn: Callable, *args) -> float:

@@ -184,3 +184,14 @@ def test_distribution_with_its_own_sparsity_is_refused_not_ignored():
   state = tx.init(params)
   _, state = tx.update(params, state, params)
   assert abs(float(jp.sparsity(jp.masks_of(state), params)) - 0.5) < 0.01
+
+
+def test_summary_reports_the_masked_leaves_total_apart_from_all_params():
+  params = {"a": {"kernel": jnp.arange(100.0).reshape(10, 10), "bias": jnp.ones(10)}, "b": {"kernel": jnp.ones((4, 5))}}
+  masks = jp.topk(params, 0.8)                      # kernels only (default selection), exactly 80% of each
+  s = jp.summary(params, masks)
+  assert (s.masked.size, s.masked.kept) == (120, 24) and s.masked.sparsity == pytest.approx(0.8)
+  assert (s.total.size, s.total.kept) == (130, 34)  # the bias counts as kept in the total
+  assert "total (masked leaves)" in str(s) and "()" not in str(s).splitlines()[-1]
+  assert s.to_dict()["masked"]["kept"] == 24
+  assert jp.summary(params).masked is None          # no masks: only the total
