@@ -131,6 +131,7 @@ BAD = [
     (["run", "--data-dir", "/nonexistent/fmnist"], "apt-get install dataset-fashion-mnist"),
     (["run", "--granularity", "3:2"], "0 < n <= m"),
     (["sweep", "--sparsities", "0.5,abc"], "comma-separated"),
+    (["sweep", "--distributed"], "--distributed is for `jprune run`"),
 ]
 
 
