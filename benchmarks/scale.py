@@ -114,6 +114,7 @@ def main():
   ap.add_argument("--cases", default="smollm2,llama_1b,llama2_7b")
   ap.add_argument("--sparsegpt-7b-blocks", type=int, default=2)
   ap.add_argument("--folder", default=os.path.join(ROOT, "runs", "scale"))
+  ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from the committed JSON")
   ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   ap.add_argument("--case", help=argparse.SUPPRESS)
   ap.add_argument("--source", help=argparse.SUPPRESS)
@@ -125,6 +126,11 @@ def main():
   os.makedirs(args.folder, exist_ok=True)
   if args.child:
     return child(args)
+  if args.plot_only:
+    import _common
+    path = os.path.join(_common.RESULTS, "scale.json")
+    with open(path) as f:
+      return _plot(json.load(f)["results"], path.replace(".json", ".png"))
 
   cases = [c for c in args.cases.split(",") if c]
   for c in cases:
@@ -185,10 +191,15 @@ def _plot(results, path):
     rs = [r for r in streamed if r["method"] == method]
     a.plot([r["params"] / 1e9 for r in rs], [r["peak_rss_bytes"] / 2**30 for r in rs], marker=marker, label=method)
     b.plot([r["block_params"] / 1e6 for r in rs], [r["seconds_per_block"] for r in rs], marker=marker, label=method)
-  a.plot([r["params"] / 1e9 for r in streamed], [4 * r["params"] / 2**30 for r in streamed], "k:",
-         label="model in float32 (in-memory lower bound)")
+  sizes = sorted({r["params"] for r in streamed})
+  a.plot([n / 1e9 for n in sizes], [4 * n / 2**30 for n in sizes], "k:", label="model in float32 (in-memory lower bound)")
+  for r in results:
+    if r["mode"] == "memory":
+      a.plot([r["params"] / 1e9], [r["peak_rss_bytes"] / 2**30], "kx", label=f"{r['method']} in memory (llm.prune)")
   a.axhline(6, color="r", lw=0.8, ls="--", label="6 GB target")
-  a.set(xscale="log", xlabel="model params (billions)", ylabel="peak RSS (GiB)", title="streamed prune_gguf")
+  a.set(xscale="log", xlabel="model params", ylabel="peak RSS (GiB)", title="streamed prune_gguf: peak memory")
+  a.set_xticks([n / 1e9 for n in sizes], [f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M" for n in sizes])
+  a.minorticks_off()
   b.set(xscale="log", yscale="log", xlabel="params per block (millions)", ylabel="seconds per block",
         title="time per block (2-core CPU)")
   a.legend(fontsize=8)
