@@ -6,7 +6,7 @@ FSDP-sharded, and top-k masks (global, layer, N:M, neurons) on leaves sharded ac
 gathers the results and writes them. Masks and top-k results equal the one-process run bit for bit; the trained
 floats equal it to the last bit of float32 (the two runtimes all-reduce gradients in different orders), and
 two 2-process runs are bit-identical. `llm.prune` (Wanda; SparseGPT 2:4) on a tiny Llama whose block kernels are
-sharded over both processes gives the one-process masks bit for bit (and Wanda's weights; SparseGPT's updated
+sharded over both processes gives the one-process masks bit for bit (which equal the unsharded one-device masks) (and Wanda's weights; SparseGPT's updated
 weights to float32 rounding). An orbax checkpoint written by two processes is restored by one process,
 and one written by one process is restored by two, bit for bit.
 """
@@ -87,11 +87,15 @@ lhost = jax.tree.map(np.asarray, jax.jit(Llama(lcfg).init)(jax.random.key(0), jn
 lspec = lambda p, x: P(None, "model") if x.ndim == 2 and "layers_" in jax.tree_util.keystr(p) else P()
 lparams = jax.tree_util.tree_map_with_path(lambda p, x: put(x, lspec(p, x)), lhost)
 calib = rng.integers(0, 64, (8, 16)).astype(np.int32)
-for method, gran in (("wanda", None), ("sparsegpt", "2:4")) if mode == "full" else ():
+for method, gran in (("magnitude", None), ("wanda", None), ("sparsegpt", "2:4")) if mode == "full" else ():
   res = llm.prune(lcfg, lparams, calib, method=method, granularity=gran, progress=False)
   q = res.params["layers_1"]["mlp"]["up_proj"]["kernel"]
   assert len(q.sharding.device_set) == 8 and not q.is_fully_addressable or n_proc == 1, q.sharding
   result[f"llm-{method}"] = gather({"masks": res.masks, "params": res.params})
+  if n_proc == 1:   # and sharded over 8 devices == on one device, unsharded
+    one = llm.prune(lcfg, lhost, calib, method=method, granularity=gran, progress=False)
+    for x, y in zip(jax.tree.leaves(one.masks), jax.tree.leaves(result[f"llm-{method}"]["masks"])):
+      np.testing.assert_array_equal(np.asarray(x), y)
 
 # orbax through jprune.checkpoint.Manager: every process writes its shards, any process count restores
 if ck_out != "-":
