@@ -27,6 +27,7 @@ from jprune.models import Llama, LlamaAttention, LlamaBlock, LlamaConfig, LlamaM
 
 PyTree = Any
 METHODS = ("magnitude", "gradient", "taylor", "wanda", "sparsegpt")
+NEEDS_ACTIVATIONS = ("wanda", "sparsegpt")
 BLOCK_KERNELS = r"layers_\d+/.*/kernel"   # default selection: every linear layer inside the decoder blocks
 
 
@@ -201,7 +202,9 @@ def prune(model, params: PyTree, calibration_tokens, method: str = "wanda", spar
   if method in ("gradient", "taylor"):
     grad_scores = _gradient_scores(cfg, params, calib, batch_size, method, progress)
   embed = params["embed"]["embedding"]
-  xs = [jnp.take(embed, jnp.asarray(calib[s: s + batch_size]), axis=0) for s in range(0, len(calib), batch_size)]
+  # only Wanda and SparseGPT read activations; the other scores need no forward pass through the blocks
+  xs = [jnp.take(embed, jnp.asarray(calib[s: s + batch_size]), axis=0)
+        for s in range(0, len(calib), batch_size)] if method in NEEDS_ACTIVATIONS else []
 
   params = flax.core.unfreeze(params)
   new_params = jax.tree.map(lambda x: x, params)
@@ -258,7 +261,7 @@ def prune_block(cfg: LlamaConfig, block: PyTree, xs: list, selected, method: str
       _set(block, p, new_w)
       _set(masks, p, keep)
 
-  if not need:  # scores do not depend on activations: prune, then one forward
+  if not need:  # scores do not depend on activations: prune, then one forward (none when `xs` is empty)
     prune_kernels("attn", ("q_proj", "k_proj", "v_proj", "o_proj"), [])
     prune_kernels("mlp", ("gate_proj", "up_proj", "down_proj"), [])
     xs = [fn["block"](block, x) for x in xs]

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jprune.llm import gguf as _g
-from jprune.llm.prune import BLOCK_KERNELS, _get, _granularity_name, check_arguments, prune_block
+from jprune.llm.prune import BLOCK_KERNELS, NEEDS_ACTIVATIONS, _get, _granularity_name, check_arguments, prune_block
 from jprune.models import LlamaConfig
 
 
@@ -233,7 +233,7 @@ def prune_gguf(source: str, target: str, calibration_tokens, method: str = "wand
   try:
     emb = tensors["token_embd.weight"]
     xs = []
-    for s in range(0, len(calib), batch_size):
+    for s in range(0, len(calib), batch_size) if method in NEEDS_ACTIVATIONS else ():
       ids = calib[s: s + batch_size]
       rows = gguf.quants.dequantize(np.asarray(emb.data[ids.reshape(-1)]), emb.tensor_type)
       xs.append(jnp.asarray(np.asarray(rows, np.float32).reshape(*ids.shape, cfg.dim)))
