@@ -28,6 +28,56 @@ def leaves_with_paths(tree: PyTree) -> list[tuple[str, Any]]:
   return [(path_str(p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
+def _nnx():
+  try:
+    from flax import nnx
+    return nnx
+  except ImportError:   # pragma: no cover - flax without nnx
+    return None
+
+
+def is_nnx(tree) -> bool:
+  """True for an nnx Module or State, or a tree holding nnx Variables (as an nnx optimizer state does)."""
+  nnx = _nnx()
+  if nnx is None:
+    return False
+  if isinstance(tree, (nnx.Module, nnx.State, nnx.Variable)):
+    return True
+  is_var = lambda x: isinstance(x, nnx.Variable)
+  return any(is_var(x) for x in jax.tree.leaves(tree, is_leaf=is_var))
+
+
+def pure(tree: PyTree) -> PyTree:
+  """nnx → plain nested dicts of arrays, the layout jprune's masks use; other trees are returned unchanged.
+
+  A Module gives its `nnx.Param` state; a State holding Params gives only those (BatchNorm statistics and RNG
+  counts are not parameters); Variables (`Param`, an optimizer's `OptVariable`) give their values.
+  """
+  if not is_nnx(tree):
+    return tree
+  nnx = _nnx()
+  if isinstance(tree, nnx.Module):
+    tree = nnx.state(tree, nnx.Param)
+  if isinstance(tree, nnx.State):
+    is_param = lambda x: isinstance(x, nnx.Param)
+    if any(is_param(x) for x in jax.tree.leaves(tree, is_leaf=is_param)):
+      tree = tree.filter(nnx.Param)
+    return tree.to_pure_dict()
+  is_var = lambda x: isinstance(x, nnx.Variable)
+  return jax.tree.map(lambda x: x[...] if is_var(x) else x, tree, is_leaf=is_var)
+
+
+def like(template: PyTree, values: PyTree) -> PyTree:
+  """`values` (plain dicts, as `pure` gives) in `template`'s container: an nnx State gets them as a copy with
+  those entries replaced; anything else gets `values` itself."""
+  nnx = _nnx()
+  if nnx is not None and isinstance(template, nnx.State):
+    out = jax.tree.map(lambda x: x, template)
+    out.replace_by_pure_dict(values)
+    return out
+  return values
+
+
 def is_traced(x) -> bool:
   return isinstance(x, jax.core.Tracer)
 

@@ -16,39 +16,69 @@ class _Parser(argparse.ArgumentParser):
     self.exit(2, f"jprune: error: {message}\n")
 
 
-def _common(p: argparse.ArgumentParser):
+class _Help(argparse.HelpFormatter):
+  """--help with each option's default (lists comma-separated; none shown for flags and unset options)."""
+
+  def _get_help_string(self, action):
+    text, default = action.help or "", action.default
+    if default in (None, False, argparse.SUPPRESS) or not action.option_strings or "%(default)" in text:
+      return text
+    shown = ",".join(f"{x:g}" if isinstance(x, float) else str(x) for x in default) \
+        if isinstance(default, (list, tuple)) else default
+    return f"{text} (default: {shown})".replace("%", "%%") if text else f"default: {shown}"
+
+
+SWEEP_CRITERIA = "magnitude,gradient,taylor,fisher,random"
+SWEEP_SPARSITIES = [0.5, 0.8, 0.9, 0.95, 0.98]
+
+
+def _common(p: argparse.ArgumentParser, grid: bool = False):
+  """The options `run`, `sweep` and `sensitivity` share. With `grid` (sweep), --criterion and --sparsity take
+  comma-separated lists (the older spellings --criteria and --sparsities still work, unlisted)."""
   p.add_argument("--model", default="lenet300", help="lenet300 | lenet5 | resnet | simplecnn")
   p.add_argument("--dataset", default="fashion_mnist", help="fashion_mnist (offline: Debian files) | mnist | cifar10")
-  p.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX files")
-  p.add_argument("--criterion", default="magnitude",
-                 help="magnitude | gradient | taylor | fisher | movement | random")
-  p.add_argument("--sparsity", type=float, default=0.9)
-  p.add_argument("--schedule", default="polynomial", help="polynomial | one-shot | iterative")
+  p.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX files (default: "
+                 "$JPRUNE_FASHION_MNIST_DIR, else Debian's dataset-fashion-mnist folder)")
+  crit = "magnitude | gradient | taylor | fisher | movement | random"
+  if grid:
+    p.add_argument("--criterion", dest="criteria", default=SWEEP_CRITERIA, metavar="LIST",
+                   help=f"comma-separated criteria to compare ({crit})")
+    p.add_argument("--criteria", dest="criteria", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    p.add_argument("--sparsity", dest="sparsities", type=_floats, default=SWEEP_SPARSITIES, metavar="LIST",
+                   help="comma-separated fractions of the selected weights to prune, each in [0, 1)")
+    p.add_argument("--sparsities", dest="sparsities", type=_floats, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+  else:
+    p.add_argument("--criterion", default="magnitude", help=crit)
+    p.add_argument("--sparsity", type=float, default=0.9, help="fraction of the selected weights to prune, in [0, 1)")
+  p.add_argument("--schedule", default="polynomial", help="polynomial (gradual, during fine-tuning) | one-shot | "
+                 "iterative")
   p.add_argument("--scope", default="global", help="global (one exact threshold over all layers) | layer")
   p.add_argument("--granularity", default="unstructured", help="unstructured | N:M (e.g. 2:4) | neurons | blocksHxW")
-  p.add_argument("--distribution", default="uniform", help="uniform | erk")
+  p.add_argument("--distribution", default="uniform", help="uniform | erk (per-layer targets; implies layer scope)")
   p.add_argument("--allocation", default=None, help="JSON {regex: sparsity} (from `jprune sensitivity`)")
   p.add_argument("--epochs", type=int, default=20, help="dense training epochs")
-  p.add_argument("--finetune-epochs", type=int, default=20)
-  p.add_argument("--batch-size", type=int, default=128)
-  p.add_argument("--lr", type=float, default=1e-3)
-  p.add_argument("--finetune-lr", type=float, default=1e-3)
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--out", default="runs/default")
+  p.add_argument("--finetune-epochs", type=int, default=20, help="fine-tuning epochs with masks kept (the "
+                 "polynomial schedule prunes during them)")
+  p.add_argument("--batch-size", type=int, default=128, help="examples per training step")
+  p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate of dense training (cosine decay)")
+  p.add_argument("--finetune-lr", type=float, default=1e-3, help="AdamW learning rate of fine-tuning")
+  p.add_argument("--seed", type=int, default=0, help="initialization and batch order")
+  p.add_argument("--out", default="runs/default", help="output folder: checkpoints, metrics.json, report.md, plots")
   p.add_argument("--distill", action="store_true", help="fine-tune with knowledge distillation from the dense model")
   p.add_argument("--limit", type=int, default=None, help="use only the first N examples of each split")
   p.add_argument("--calib-batches", type=int, default=20, help="batches for one-shot gradient scores")
   p.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps (and every epoch)")
   p.add_argument("--compact", action="store_true",
                  help="with --granularity neurons: remove pruned units and report the smaller model")
-  p.add_argument("--no-progress", action="store_true")
+  p.add_argument("--no-progress", action="store_true", help="no progress bars (on a terminal they redraw in "
+                 "place; in a log they print one line every 30 s)")
   d = p.add_argument_group("several processes (JAX's distributed runtime; data-parallel over every device)")
   d.add_argument("--distributed", action="store_true",
                  help="call jax.distributed.initialize(): on SLURM, Open MPI, Kubernetes and TPU pods it finds its "
                  "settings itself; elsewhere give the three below (or JAX_COORDINATOR_ADDRESS)")
   d.add_argument("--coordinator", default=None, help="host:port of process 0")
-  d.add_argument("--num-processes", type=int, default=None)
-  d.add_argument("--process-id", type=int, default=None)
+  d.add_argument("--num-processes", type=int, default=None, help="how many processes take part")
+  d.add_argument("--process-id", type=int, default=None, help="this process's index, 0 .. N-1")
 
 
 def _start_distributed(args) -> None:
@@ -65,8 +95,13 @@ def _start_distributed(args) -> None:
 
 def _config(args):
   from jprune.job import RunConfig
-  return RunConfig(model=args.model, dataset=args.dataset, data_dir=args.data_dir, criterion=args.criterion,
-                   sparsity=args.sparsity, schedule=args.schedule, scope=args.scope, granularity=args.granularity,
+  if args.command == "sweep":   # the grid's first cell stands for the criterion and sparsity of the config
+    criterion = ([c for c in args.criteria.split(",") if c] or ["magnitude"])[0]
+    sparsity = (args.sparsities or [0.9])[0]
+  else:
+    criterion, sparsity = args.criterion, args.sparsity
+  return RunConfig(model=args.model, dataset=args.dataset, data_dir=args.data_dir, criterion=criterion,
+                   sparsity=sparsity, schedule=args.schedule, scope=args.scope, granularity=args.granularity,
                    distribution=args.distribution, allocation=args.allocation, epochs=args.epochs,
                    finetune_epochs=args.finetune_epochs, batch_size=args.batch_size, lr=args.lr,
                    finetune_lr=args.finetune_lr, seed=args.seed, out=args.out, distill=args.distill,
@@ -84,18 +119,19 @@ def _floats(s: str):
 def build_parser() -> argparse.ArgumentParser:
   parser = _Parser(prog="jprune", description="Prune JAX/Flax models: train, prune, fine-tune, report.")
   sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-  run = sub.add_parser("run", help="train a reference model, prune it, fine-tune, report")
+  fmt = dict(formatter_class=_Help)   # --help shows every default
+  run = sub.add_parser("run", help="train a reference model, prune it, fine-tune, report", **fmt)
   _common(run)
-  sw = sub.add_parser("sweep", help="compare criteria across sparsities from one dense model")
-  _common(sw)
-  sw.add_argument("--criteria", default="magnitude,gradient,taylor,fisher,random")
-  sw.add_argument("--sparsities", type=_floats, default=[0.5, 0.8, 0.9, 0.95, 0.98])
-  se = sub.add_parser("sensitivity", help="prune one layer at a time; optional per-layer allocation")
+  sw = sub.add_parser("sweep", help="compare criteria across sparsities from one dense model", **fmt)
+  _common(sw, grid=True)
+  se = sub.add_parser("sensitivity", help="prune one layer at a time; optional per-layer allocation", **fmt)
   _common(se)
-  se.add_argument("--grid", type=_floats, default=[0.5, 0.7, 0.8, 0.9, 0.95, 0.98])
+  se.add_argument("--grid", type=_floats, default=[0.5, 0.7, 0.8, 0.9, 0.95, 0.98],
+                  help="comma-separated sparsities tried on each layer alone")
   se.add_argument("--target", type=float, default=None, help="global sparsity for the allocation")
   se.add_argument("--write-allocation", default=None, help="where to write the by_path allocation JSON")
-  lm = sub.add_parser("llm", help="prune a pretrained GGUF Llama one-shot (default SmolLM2-135M), report perplexity")
+  lm = sub.add_parser("llm", help="prune a pretrained GGUF Llama one-shot (default SmolLM2-135M), report perplexity",
+                      **fmt)
   lm.add_argument("--method", default="wanda", help="magnitude | gradient | taylor | wanda | sparsegpt")
   lm.add_argument("--sparsity", default=None, help="fraction pruned (default 0.5); with --structured the "
                   "fraction of decoder-block params removed, comma-separated for several (default 0.2)")
@@ -104,12 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
   lm.add_argument("--text", default=None, help="a UTF-8 text file for calibration and evaluation "
                   "(default: the Jargon File)")
   lm.add_argument("--calib", type=int, default=32, help="calibration sequences")
-  lm.add_argument("--calib-len", type=int, default=256)
-  lm.add_argument("--eval-windows", type=int, default=16)
-  lm.add_argument("--eval-len", type=int, default=512)
-  lm.add_argument("--batch-size", type=int, default=8)
-  lm.add_argument("--prompt", default="The capital of France is")
-  lm.add_argument("--out", default="runs/llm")
+  lm.add_argument("--calib-len", type=int, default=256, help="tokens per calibration sequence")
+  lm.add_argument("--eval-windows", type=int, default=16, help="held-out windows for perplexity")
+  lm.add_argument("--eval-len", type=int, default=512, help="tokens per perplexity window")
+  lm.add_argument("--batch-size", type=int, default=8, help="sequences per device call")
+  lm.add_argument("--prompt", default="The capital of France is", help="greedy sample shown in the report")
+  lm.add_argument("--out", default="runs/llm", help="output folder: metrics.json, report.md")
   lm.add_argument("--export", default=None, help="write the pruned model as a GGUF file llama.cpp loads")
   lm.add_argument("--export-dtype", default=None, choices=("f32", "f16", "q8_0"),
                   help="GGUF weight type (default f32; with --stream: each tensor keeps its type)")
@@ -124,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
   st.add_argument("--criterion", default="activation",
                   help="activation | flap | taylor | fisher | l2; comma-separated for a table of several")
   st.add_argument("--kinds", default="mlp", help="what may be removed: mlp, heads or mlp,heads")
-  st.add_argument("--allocation", default="layer", choices=("layer", "global"))
+  st.add_argument("--allocation", default="layer", choices=("layer", "global"),
+                  help="layer: the same fraction of every block; global: one ranking over all blocks")
   st.add_argument("--round-to", type=int, default=8, help="MLP widths stay multiples of this")
   st.add_argument("--head-groups", default="query", choices=("query", "kv"),
                   help="query: equal numbers of query heads per KV group; kv: whole KV groups")
@@ -132,10 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
   st.add_argument("--reconstruct", action="store_true", help="least-squares refit of o_proj/down_proj rows")
   st.add_argument("--distill-steps", type=int, default=0, help="recovery: distillation steps from the dense model")
   st.add_argument("--distill-minutes", type=float, default=None, help="recovery: stop distilling after this time")
-  st.add_argument("--distill-lr", type=float, default=2e-4)
+  st.add_argument("--distill-lr", type=float, default=2e-4, help="recovery: AdamW learning rate")
   st.add_argument("--alpha", type=float, default=0.0, help="weight of the plain LM loss next to distillation")
-  lm.add_argument("--no-progress", action="store_true")
-  ck = sub.add_parser("checkpoints", help="list and verify the checkpoints of a run; set later steps aside")
+  lm.add_argument("--no-progress", action="store_true", help="no progress bars")
+  ck = sub.add_parser("checkpoints", help="list and verify the checkpoints of a run; set later steps aside", **fmt)
   ck.add_argument("path", help="a run's --out folder or one checkpoint folder in it (e.g. runs/main/dense-...)")
   ck.add_argument("--keep-up-to", type=int, default=None,
                   help="move every step after this one into <folder>.set-aside/ so the next run resumes from it")
@@ -301,6 +338,8 @@ def main(argv=None) -> int:
               f"{c['speedup']:.2f}x faster than dense")
     elif args.command == "sweep":
       criteria = [c for c in args.criteria.split(",") if c]
+      if not criteria or not args.sparsities:
+        raise ValueError("sweep needs at least one --criterion and one --sparsity (comma-separated lists).")
       res = job.sweep(cfg, criteria, args.sparsities)
       print(res["table"])
       print(f"dense top-1 {100 * res['dense_top1']:.2f}%   plot: {os.path.join(cfg.out, 'sweep.png')}")

@@ -13,6 +13,7 @@ import functools
 import gzip
 import hashlib
 import os
+import sys
 import struct
 import zlib
 from pathlib import Path
@@ -175,7 +176,7 @@ def load(name: str = "fashion_mnist", *, data_dir: Optional[str] = None, cache_d
   other files (another --data-dir, an edited file) are prepared anew, never answered from an older copy.
   """
   import tensorflow_datasets as tfds
-  if os.environ.get("JPRUNE_NO_PROGRESS"):   # --no-progress covers tfds's preparation bars too
+  if os.environ.get("JPRUNE_NO_PROGRESS") or not sys.stderr.isatty():   # tfds's preparation bars: terminal only
     tfds.disable_progress_bar()
   if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 1):
     raise DataError(f"limit must be a positive number of examples per split, got {limit!r}.")

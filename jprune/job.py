@@ -198,7 +198,9 @@ def _distribution(cfg: RunConfig):
 
 def _model_for(cfg: RunConfig, ds: _data.Dataset):
   classes = int(max(ds.y_train.max(), ds.y_test.max())) + 1
-  return _models.create(cfg.model, num_classes=classes)
+  model = _models.create(cfg.model, num_classes=classes)
+  check_granularity_fits(cfg, model, ds)
+  return model
 
 
 def _adam(lr, wd, steps):
@@ -239,7 +241,7 @@ def train_dense(cfg: RunConfig, ds: _data.Dataset, model):
                     identity=cfg.dense_identity(fp))
 
 
-def _where_for(gran, params):
+def _where_for(gran, params, quiet: bool = False):
   """Kernels the granularity can apply to (e.g. 2:4 skips a first conv with one input channel), with a note."""
   def ok(path, leaf):
     if not jp.select.kernels(path, leaf):
@@ -249,10 +251,35 @@ def _where_for(gran, params):
       return True
     except ValueError:
       return False
-  skipped = [p for p, x in jp._tree.leaves_with_paths(params) if jp.select.kernels(p, x) and not ok(p, x)]
+  kernels = [(p, x) for p, x in jp._tree.leaves_with_paths(params) if jp.select.kernels(p, x)]
+  skipped = [(p, x) for p, x in kernels if not ok(p, x)]
   if skipped:
-    print(f"jprune: note: {gran.kind} granularity does not fit {', '.join(skipped)}; left dense.", file=sys.stderr)
+    left = sum(int(np.prod(x.shape)) for _, x in skipped)
+    total = sum(int(np.prod(x.shape)) for _, x in kernels)
+    names = ", ".join(f"{p} {tuple(x.shape)}" for p, x in skipped)
+    if left > _MAX_LEFT_DENSE * total:   # the target could not be approached: refuse rather than report ~0%
+      raise ValueError(f"--granularity {_granularity_label(gran)} does not fit {names}: {left:,} of the {total:,} "
+                       f"kernel weights ({left / total:.0%}) would stay dense; choose a granularity that divides "
+                       f"these kernels (N:M groups run along the input axis; neurons and blocks fit any kernel).")
+    if not quiet:
+      print(f"jprune: note: --granularity {_granularity_label(gran)} does not fit {names} ({left / total:.1%} of "
+            f"the kernel weights); left dense.", file=sys.stderr)
   return ok
+
+
+_MAX_LEFT_DENSE = 0.1   # at most this fraction of the kernel weights may be left dense by a granularity that does
+                        # not fit them (like 2:4 and a first conv with one input channel)
+
+
+def _granularity_label(g) -> str:
+  return {"nm": f"{g.n}:{g.m}", "blocks": f"blocks{g.block[0]}x{g.block[1]}" if getattr(g, "block", None) else
+          "blocks"}.get(g.kind, g.kind)
+
+
+def check_granularity_fits(cfg: "RunConfig", model, ds) -> None:
+  """Before any training: refuses a granularity that does not fit most kernels of the model (one line)."""
+  shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), jnp.asarray(ds.x_train[:1]))["params"]
+  _where_for(jp.masks.parse_granularity(cfg.granularity), shapes)
 
 
 def _loss_fn(model, batch_stats):
@@ -271,7 +298,7 @@ def prune_and_finetune(cfg: RunConfig, ds, model, dense_state) -> dict:
   total = max(1, cfg.finetune_epochs * steps_per_epoch)
   dist = _distribution(cfg)
   scope = "layer" if dist is not None else cfg.scope  # a distribution sets per-layer targets
-  where = _where_for(gran, params)
+  where = _where_for(gran, params, quiet=True)   # noted (or refused) by check_granularity_fits before training
   scores = None
   groups = gmasks = None
   if gran.kind == "neurons":

@@ -13,6 +13,7 @@ broken by leaf order, then row-major index.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, NamedTuple, Optional, Sequence
 
 import jax
@@ -554,6 +555,8 @@ def topk(scores: PyTree, sparsity, *, where=None, scope: str = "layer", granular
     if isinstance(sparsity, dict) or not _is_number_like(sparsity):
       raise ValueError("scope='global' takes one sparsity number, not a per-leaf tree.")
     _tree.check_sparsity(sparsity)
+  if g.kind == "neurons":
+    _warn_unmasked_unit_leaves(items, flags, g)
   leaves = [s for _, s in items]
   args = (leaves, prior_leaves, per_leaf if scope == "layer" or g.kind == "nm" else sparsity)
   statics = dict(flags=tuple(bool(f) for f in flags), g=g, scope=scope)
@@ -562,6 +565,24 @@ def topk(scores: PyTree, sparsity, *, where=None, scope: str = "layer", granular
   # reused; traced calls inline the same code. Traced and eager sparsities prune the same count (`_count_k`).
   out = (_topk_leaves if traced else _topk_leaves_jit)(*args, **statics)
   return jax.tree.unflatten(treedef, out)
+
+
+class UnmaskedUnitsWarning(UserWarning):
+  """Neurons/channels masks leave the unselected leaves that belong to the same units (biases, norms) unmasked."""
+
+
+def _warn_unmasked_unit_leaves(items, flags, g: Granularity) -> None:
+  """Warns when neuron/channel masks leave 1-D leaves of the pruned units' size unmasked (a bias or a BatchNorm
+  scale and bias next to a kernel): a pruned unit then still emits its bias or BatchNorm shift, so it is not
+  removed from the function, and the model cannot be compacted to the masked one."""
+  sizes = {int(s.shape[g.axis]) for (_, s), f in zip(items, flags) if f and s.ndim >= 2 and g.axis in (-1, s.ndim - 1)}
+  left = [p for (p, s), f in zip(items, flags) if not f and s.ndim == 1 and int(s.shape[0]) in sizes]
+  if left:
+    names = ", ".join(left[:6]) + (f" and {len(left) - 6} more" if len(left) > 6 else "")
+    warnings.warn(f"neurons/channels masks prune the selected kernels' output units only; {names} have one entry "
+                  f"per unit and stay unmasked, so a pruned unit still emits its bias / normalization shift. To "
+                  f"mask every coupled leaf together (and compact), use jprune.structured.groups, group_masks and "
+                  f"to_param_masks, or select these leaves too.", UnmaskedUnitsWarning, stacklevel=3)
 
 
 def _topk_leaves(leaves, prior_leaves, sparsity, *, flags, g, scope):
@@ -642,7 +663,12 @@ def apply(params: PyTree, masks: PyTree) -> PyTree:
     >>> import jax.numpy as jnp, jprune as jp
     >>> jp.apply({"k": jnp.array([1.0, 2.0])}, {"k": jnp.array([True, False])})["k"].tolist()
     [1.0, 0.0]
+
+  nnx States are accepted as they come, with masks from `masks_of(nnx_optimizer.opt_state)` or `topk`; an
+  nnx State comes back as a State: `nnx.update(model, jp.apply(nnx.state(model, nnx.Param), masks))`.
   """
+  if _tree.is_nnx(params) or _tree.is_nnx(masks):
+    return _tree.like(params, apply(_tree.pure(params), _tree.pure(masks)))
   if not any(_tree.is_traced(x) for x in jax.tree.leaves(params)):
     _tree.check_broadcastable(params, masks)
   return jax.tree.map(lambda p, m: jnp.where(m, p, jnp.zeros((), p.dtype)), params, masks)
@@ -661,6 +687,7 @@ def sparsity(masks: PyTree, params: Optional[PyTree] = None) -> jax.Array:
 
   With `params`, structured masks are counted at the params' full shapes.
   """
+  masks, params = _tree.pure(masks), _tree.pure(params)
   m_leaves = jax.tree.leaves(masks)
   shapes = [np.shape(m) for m in m_leaves]
   if params is not None:

@@ -64,8 +64,10 @@ def summary(params, masks=None) -> Summary:
   """Per-leaf shape, kept entries, sparsity, dense bytes and sparse bytes (kept values + 1 bit per entry).
 
   Leaves without a mask (scalar True) count as dense in both columns. Returns a `Summary`: print it for a
-  table, `.markdown()` for a report, `.to_dict()` for JSON.
+  table, `.markdown()` for a report, `.to_dict()` for JSON. nnx Modules and States are accepted as they come
+  (their `nnx.Param`s).
   """
+  params, masks = _tree.pure(params), _tree.pure(masks)
   if masks is not None:
     _tree.check_broadcastable(params, masks)
     m_leaves = jax.tree.leaves(masks)

@@ -223,9 +223,12 @@ def keep_pruned(masks: PyTree) -> optax.GradientTransformation:
 
 
 def masks_of(opt_state) -> PyTree:
-  """Returns the masks held in an optimizer state (searched through chains, MultiSteps, inject_hyperparams)."""
+  """Returns the masks held in an optimizer state (searched through chains, MultiSteps, inject_hyperparams).
+
+  An nnx optimizer's state (`nnx.Optimizer.opt_state`) is accepted as it comes; the masks come back as plain
+  nested dicts (no `OptVariable` wrappers), ready for `summary`, `apply` and `nnx.update`."""
   found = [x for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, (PruneState, KeepPrunedState)))
            if isinstance(x, (PruneState, KeepPrunedState))]
   if not found:
     raise ValueError("no PruneState or KeepPrunedState in this optimizer state.")
-  return found[0].masks
+  return _tree.pure(found[0].masks)

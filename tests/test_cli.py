@@ -1,6 +1,7 @@
 """The `jprune` command end to end on small generated IDX files (the real tfds builder, no network)."""
 
 import gzip
+import argparse
 import json
 import os
 import signal
@@ -92,7 +93,7 @@ def test_run_end_to_end(idx_dir, tmp_path):
 
 @pytest.mark.parametrize("extra", [["--schedule", "one-shot", "--criterion", "gradient", "--scope", "global"],
                                    ["--schedule", "iterative", "--granularity", "neurons", "--distill"],
-                                   ["--granularity", "2:4", "--model", "lenet5", "--distribution", "erk"]])
+                                   ["--granularity", "2:4", "--model", "simplecnn", "--distribution", "erk"]])
 def test_run_variants(idx_dir, tmp_path, extra):
   out = tmp_path / "run"
   jprune(["run", "--data-dir", str(idx_dir), "--epochs", "1", "--finetune-epochs", "1", "--batch-size", "64",
@@ -148,6 +149,21 @@ def test_bad_arguments_give_one_line(tmp_path, capsys, args, needle):
   assert len(lines) == 1 and needle in lines[0], err
 
 
+@pytest.mark.parametrize("model,gran,needle", [("lenet300", "3:5", "Dense_0/kernel (784, 300): 235,200 of the 266,200"),
+                                               ("lenet5", "2:4", "Dense_0/kernel (1250, 500): 625,500 of the 655,500")])
+def test_granularity_that_fits_few_kernels_is_refused_before_training(idx_dir, tmp_path, capsys, model, gran, needle):
+  """N:M that does not divide most kernels' input axis would leave them dense and report the sparsity of the rest:
+  refused in one line, before the dense model trains. (A small misfit, like a first conv with one input channel,
+  is a note.)"""
+  from jprune import cli
+  with jax.numpy_dtype_promotion("standard"):
+    code = cli.main(["run", "--data-dir", str(idx_dir), "--model", model, "--granularity", gran, "--limit", "64", "--batch-size", "32",
+                     "--out", str(tmp_path / "o"), "--no-progress"])
+  lines = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+  assert code != 0 and len(lines) == 1 and lines[0].startswith("jprune: error: --granularity") and needle in lines[0]
+  assert not list((tmp_path / "o").glob("dense-*"))      # nothing trained
+
+
 def test_bad_arguments_in_a_real_process_have_no_traceback(tmp_path):
   res = jprune(["run", "--sparsity", "1.2", "--out", str(tmp_path / "o")], tmp_path, check=False)
   assert res.returncode != 0 and "Traceback" not in res.stderr
@@ -192,3 +208,44 @@ def test_run_neurons_compact(idx_dir, tmp_path):
   assert "Compacted model" in (out / "report.md").read_text()
   bad = jprune(["run", "--compact", "--out", str(out)], tmp_path, check=False)
   assert bad.returncode != 0 and "--granularity neurons" in bad.stderr
+
+
+def test_progress_in_a_log_is_whole_lines_with_an_eta(monkeypatch, capsys):
+  """Not on a terminal, a progress bar writes whole lines (no carriage returns): the first, at most one per
+  interval however often it refreshes, and the finished one; each shows the count and elapsed<remaining time."""
+  from jprune import _progress
+  monkeypatch.delenv("JPRUNE_NO_PROGRESS", raising=False)
+  monkeypatch.setattr(_progress, "LOG_INTERVAL_S", 3600.0)
+  bar = _progress.progress_bar(total=50, desc="steps", unit="step")
+  for i in range(50):
+    bar.update(1)
+    bar.set_postfix(loss=f"{i:.3f}")      # a refresh per step
+  bar.close()
+  err = capsys.readouterr().err
+  lines = err.splitlines()
+  assert "\r" not in err and len(lines) == 2, err
+  assert lines[0].startswith("steps:   0%|") and "0/50 [00:00<?" in lines[0]
+  assert lines[1].startswith("steps: 100%|") and "50/50 [" in lines[1] and "loss=49.000" in lines[1]
+
+
+def test_every_option_has_help_with_its_default_and_one_spelling():
+  """`jprune CMD --help` explains every option and shows its default; sweep's lists are --criterion/--sparsity,
+  and the older --criteria/--sparsities (unlisted) set the same thing."""
+  from jprune import cli
+  parser = cli.build_parser()
+  subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+  for name, sp in subs.items():
+    text = sp.format_help()
+    for a in sp._actions:
+      if a.help == argparse.SUPPRESS or not a.option_strings or a.dest == "help":
+        continue
+      assert a.help, (name, a.option_strings)
+      if a.default not in (None, False):
+        assert "default" in sp._get_formatter()._get_help_string(a), (name, a.option_strings)
+    listed = [o for a in sp._actions if a.help != argparse.SUPPRESS for o in a.option_strings]
+    assert len(listed) == len(set(listed)) and "--criteria" not in text and "--sparsities" not in text, name
+  assert "(default: 20)" in " ".join(subs["run"].format_help().split())            # 20 dense epochs, shown
+  new = parser.parse_args(["sweep", "--criterion", "gradient,random", "--sparsity", "0.5,0.9"])
+  old = parser.parse_args(["sweep", "--criteria", "gradient,random", "--sparsities", "0.5,0.9"])
+  assert (new.criteria, new.sparsities) == (old.criteria, old.sparsities) == ("gradient,random", [0.5, 0.9])
+  assert cli._config(new).criterion == "gradient"

@@ -105,6 +105,22 @@ def test_structured_mask_shapes_and_counts():
   assert np.all(np.asarray(p["Dense_0"]["kernel"])[:, ~np.asarray(m["Dense_0"]["kernel"])[0]] == 0)
 
 
+def test_neuron_masks_warn_about_unmasked_biases_and_norms():
+  """Channel masks on kernels leave a BatchNorm's scale/bias (and the conv's bias) unmasked: a warning names them;
+  selecting them too, or a tree without such leaves, gives none."""
+  rng = np.random.default_rng(0)
+  tree = {"Conv_0": {"kernel": rng.random((3, 3, 4, 8)).astype(np.float32), "bias": np.zeros(8, np.float32)},
+          "BatchNorm_0": {"scale": np.ones(8, np.float32), "bias": np.zeros(8, np.float32)},
+          "Dense_0": {"kernel": rng.random((8, 3)).astype(np.float32)}}
+  with pytest.warns(jp.masks.UnmaskedUnitsWarning, match="BatchNorm_0/bias, BatchNorm_0/scale, Conv_0/bias"):
+    jp.topk(tree, 0.5, granularity=jp.channels())
+  import warnings
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    jp.topk({"Dense_0": {"kernel": tree["Dense_0"]["kernel"]}}, 0.5, granularity=jp.neurons())
+    jp.topk(tree, 0.5, granularity=jp.nm(2, 4))
+
+
 def test_threshold_apply_sparsity_algebra():
   s = {"kernel": jnp.array([[0.1, 0.5], [2.0, 0.01]]), "bias": jnp.array([1.0, 1.0])}
   m = jp.threshold(s, 0.5)
