@@ -60,3 +60,12 @@ from jprune.checkpoint import export_sparse as export_sparse  # noqa: E402
 from jprune.checkpoint import load_sparse as load_sparse  # noqa: E402
 
 __all__ += ["STE", "activation", "activations", "checkpoint", "export_sparse", "load_sparse", "ste", "wanda"]
+
+_SUBMODULES = ("llm", "models", "resize", "structured")   # imported on first use: `jp.structured.groups(...)`
+
+
+def __getattr__(name):
+  if name in _SUBMODULES:
+    import importlib
+    return importlib.import_module(f"jprune.{name}")
+  raise AttributeError(f"module 'jprune' has no attribute {name!r}")

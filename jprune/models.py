@@ -126,7 +126,8 @@ class TransformerBlock(nn.Module):
 
 
 def resize(model: nn.Module, params) -> nn.Module:
-  """Rebuilds a reference model with the widths found in (compacted) `params`."""
+  """A model that runs on (compacted) `params`: jprune's reference models are rebuilt with those widths; any other
+  linen model comes back wrapped by `jprune.resize.resized` (its layers take the widths of their params)."""
   def width(path, axis=-1):
     p = params
     for k in path.split("/"):
@@ -148,7 +149,8 @@ def resize(model: nn.Module, params) -> nn.Module:
   if isinstance(model, TransformerBlock):
     return model.clone(num_heads=width("query/kernel", 1), head_dim=width("query/kernel", 2),
                        v_head_dim=width("value/kernel", 2), mlp=width("mlp_in/kernel"))
-  raise ValueError(f"resize does not know {type(model).__name__}; rebuild it from the compacted shapes.")
+  from jprune.resize import resized   # any other linen model: cloned layer by layer at call time
+  return resized(model)
 
 
 # ----------------------------------------------------------------------------------------------- Llama
