@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
-import jax
 
 from jprune import _tree
 
