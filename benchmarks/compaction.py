@@ -36,29 +36,39 @@ class UserCNN(nn.Module):
 
 
 class UserMixer(nn.Module):
-  """MLP-Mixer: 4x4 patches of 32x32 (64 tokens), width 128, token MLP 64, channel MLP 512, 4 blocks."""
+  """MLP-Mixer: 4x4 patches, width 128, token MLP 64, channel MLP 512, 4 blocks (tests use smaller ones)."""
+  width: int = 128
+  token_mlp: int = 64
+  channel_mlp: int = 512
+  depth: int = 4
+
   @nn.compact
   def __call__(self, x):
-    x = nn.Conv(128, (4, 4), strides=4)(x)
-    x = x.reshape(x.shape[0], -1, 128)
-    for _ in range(4):
-      y = jnp.swapaxes(nn.LayerNorm()(x), 1, 2)
-      x = x + jnp.swapaxes(nn.Dense(x.shape[1])(nn.gelu(nn.Dense(64)(y))), 1, 2)
-      x = x + nn.Dense(128)(nn.gelu(nn.Dense(512)(nn.LayerNorm()(x))))
+    x = nn.Conv(self.width, (4, 4), strides=4)(x)
+    x = x.reshape(x.shape[0], -1, self.width)
+    for _ in range(self.depth):
+      y = jnp.swapaxes(nn.LayerNorm()(x), 1, 2)                     # token mixing along the patch axis
+      x = x + jnp.swapaxes(nn.Dense(x.shape[1])(nn.gelu(nn.Dense(self.token_mlp)(y))), 1, 2)
+      x = x + nn.Dense(self.width)(nn.gelu(nn.Dense(self.channel_mlp)(nn.LayerNorm()(x))))
     return nn.Dense(10)(nn.LayerNorm()(x).mean(1))
 
 
 class UserViT(nn.Module):
-  """ViT: 4x4 patches of 32x32 (64 tokens), width 128, 8 heads of 16, MLP 512, 4 blocks."""
+  """ViT: 4x4 patches, width 128, 8 heads of 16, MLP 512, 4 blocks (tests use smaller ones)."""
+  width: int = 128
+  heads: int = 8
+  mlp: int = 512
+  depth: int = 4
+
   @nn.compact
   def __call__(self, x):
-    x = nn.Conv(128, (4, 4), strides=4)(x)
-    x = x.reshape(x.shape[0], -1, 128)
-    x = x + self.param("pos", nn.initializers.normal(0.02), (1, x.shape[1], 128))
-    for _ in range(4):
+    x = nn.Conv(self.width, (4, 4), strides=4)(x)
+    x = x.reshape(x.shape[0], -1, self.width)
+    x = x + self.param("pos", nn.initializers.normal(0.02), (1, x.shape[1], self.width))
+    for _ in range(self.depth):
       y = nn.LayerNorm()(x)
-      x = x + nn.MultiHeadDotProductAttention(num_heads=8)(y, y)
-      x = x + nn.Dense(128)(nn.gelu(nn.Dense(512)(nn.LayerNorm()(x))))
+      x = x + nn.MultiHeadDotProductAttention(num_heads=self.heads)(y, y)
+      x = x + nn.Dense(self.width)(nn.gelu(nn.Dense(self.mlp)(nn.LayerNorm()(x))))
     return nn.Dense(10)(nn.LayerNorm()(x).mean(1))
 
 
@@ -119,7 +129,7 @@ def main():
     return
   path = _common.write("compaction", {"batch": args.batch, "rows": rows, "target_mlp50_latency_over_flops": 1.25,
                                       "mlp50_latency_over_flops": mlp50["latency_over_flops"],
-                                      "command": "python benchmarks/compaction.py"})
+                                      "command": " ".join(["python benchmarks/compaction.py", *sys.argv[1:]])})
   print("wrote", path)
 
 

@@ -2,8 +2,11 @@
 model is shrunk in place, and both give the masked model's outputs. Models: a CNN with BatchNorm and dropout, an
 MLP-Mixer, a small ViT (attention heads removed) in linen; a CNN with BatchNorm, dropout and LayerNorm in nnx."""
 
+import functools
+import sys
+from pathlib import Path
+
 import jax
-import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
 import pytest
@@ -23,33 +26,12 @@ class CNN(nn.Module):
     return nn.Dense(10)(nn.relu(nn.Dense(32)(x.mean((1, 2)))))
 
 
-class MixerBlock(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    y = jnp.swapaxes(nn.LayerNorm()(x), 1, 2)                       # token mixing along the patch axis
-    x = x + jnp.swapaxes(nn.Dense(x.shape[1])(nn.gelu(nn.Dense(64)(y))), 1, 2)
-    return x + nn.Dense(x.shape[2])(nn.gelu(nn.Dense(128)(nn.LayerNorm()(x))))
+# the compaction benchmark's MLP-Mixer and ViT, smaller
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+from compaction import UserMixer, UserViT  # noqa: E402
 
-
-class Mixer(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    x = nn.Conv(32, (4, 4), strides=4)(x)
-    x = MixerBlock()(MixerBlock()(x.reshape(x.shape[0], -1, 32)))
-    return nn.Dense(10)(nn.LayerNorm()(x).mean(1))
-
-
-class ViT(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    x = nn.Conv(32, (4, 4), strides=4)(x)
-    x = x.reshape(x.shape[0], -1, 32)
-    x = x + self.param("pos", nn.initializers.normal(0.02), (1, x.shape[1], 32))
-    for _ in range(2):
-      y = nn.LayerNorm()(x)
-      x = x + nn.MultiHeadDotProductAttention(num_heads=4)(y, y)
-      x = x + nn.Dense(32)(nn.gelu(nn.Dense(96)(nn.LayerNorm()(x))))
-    return nn.Dense(10)(nn.LayerNorm()(x)[:, 0])
+Mixer = functools.partial(UserMixer, width=32, token_mlp=64, channel_mlp=128, depth=2)
+ViT = functools.partial(UserViT, width=32, heads=4, mlp=96, depth=2)
 
 
 def _prune_half(apply_fn, params, *args, extra=None):
@@ -89,7 +71,7 @@ def test_linen_model_runs_compacted_through_resized(name):
   if name == "vit":   # attention heads removed: 4 -> 2 per layer
     assert got["MultiHeadDotProductAttention_0"]["heads"] == 2 and got["MultiHeadDotProductAttention_1"]["heads"] == 2
   if name == "mixer":
-    assert got["MixerBlock_0/Dense_1"] == 32 and got["MixerBlock_0/Dense_3"] == 64   # hidden 64 -> 32, 128 -> 64
+    assert got["Dense_1"] == 32 and got["Dense_3"] == 64     # token MLP 64 -> 32, channel MLP 128 -> 64
 
 
 def test_models_resize_falls_back_to_resized_for_other_models():
