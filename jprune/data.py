@@ -176,7 +176,8 @@ def load(name: str = "fashion_mnist", *, data_dir: Optional[str] = None, cache_d
   other files (another --data-dir, an edited file) are prepared anew, never answered from an older copy.
   """
   import tensorflow_datasets as tfds
-  if os.environ.get("JPRUNE_NO_PROGRESS") or not sys.stderr.isatty():   # tfds's preparation bars: terminal only
+  from jprune._progress import _is_terminal
+  if os.environ.get("JPRUNE_NO_PROGRESS") or not _is_terminal(sys.stderr):   # tfds's preparation bars: terminal only
     tfds.disable_progress_bar()
   if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 1):
     raise DataError(f"limit must be a positive number of examples per split, got {limit!r}.")

@@ -257,23 +257,19 @@ def _where_for(gran, params, quiet: bool = False):
     left = sum(int(np.prod(x.shape)) for _, x in skipped)
     total = sum(int(np.prod(x.shape)) for _, x in kernels)
     names = ", ".join(f"{p} {tuple(x.shape)}" for p, x in skipped)
+    label = jp.masks.granularity_name(gran)
     if left > _MAX_LEFT_DENSE * total:   # the target could not be approached: refuse rather than report ~0%
-      raise ValueError(f"--granularity {_granularity_label(gran)} does not fit {names}: {left:,} of the {total:,} "
+      raise ValueError(f"--granularity {label} does not fit {names}: {left:,} of the {total:,} "
                        f"kernel weights ({left / total:.0%}) would stay dense; choose a granularity that divides "
                        f"these kernels (N:M groups run along the input axis; neurons and blocks fit any kernel).")
     if not quiet:
-      print(f"jprune: note: --granularity {_granularity_label(gran)} does not fit {names} ({left / total:.1%} of "
+      print(f"jprune: note: --granularity {label} does not fit {names} ({left / total:.1%} of "
             f"the kernel weights); left dense.", file=sys.stderr)
   return ok
 
 
 _MAX_LEFT_DENSE = 0.1   # at most this fraction of the kernel weights may be left dense by a granularity that does
                         # not fit them (like 2:4 and a first conv with one input channel)
-
-
-def _granularity_label(g) -> str:
-  return {"nm": f"{g.n}:{g.m}", "blocks": f"blocks{g.block[0]}x{g.block[1]}" if getattr(g, "block", None) else
-          "blocks"}.get(g.kind, g.kind)
 
 
 def check_granularity_fits(cfg: "RunConfig", model, ds) -> None:

@@ -43,6 +43,15 @@ class Granularity(NamedTuple):
   reduce: str = "mean"
 
 
+def granularity_name(g: Granularity) -> str:
+  """The spelling `parse_granularity` reads back: "unstructured", "2:4", "blocks4x4", "neurons"."""
+  if g.kind == "nm":
+    return f"{g.n}:{g.m}"
+  if g.kind == "blocks" and g.block:
+    return f"blocks{g.block[0]}x{g.block[1]}"
+  return g.kind
+
+
 def unstructured() -> Granularity:
   """Prune individual entries."""
   return Granularity("unstructured")

@@ -63,8 +63,7 @@ def _interceptor(next_fun, args, kwargs, context):
   change = _updates(module)
   if not change:
     return next_fun(*args, **kwargs)
-  variables = {c: v for c, v in module.variables.items()}
-  return module.clone(parent=None, **change).apply(variables, *args, **kwargs)
+  return module.clone(parent=None, **change).apply(dict(module.variables), *args, **kwargs)
 
 
 class Resized:
@@ -76,9 +75,6 @@ class Resized:
   def apply(self, variables, *args, **kwargs):
     with nn.intercept_methods(_interceptor):
       return self.model.apply(variables, *args, **kwargs)
-
-  def __call__(self, variables, *args, **kwargs):
-    return self.apply(variables, *args, **kwargs)
 
   def __repr__(self) -> str:
     return f"Resized({type(self.model).__name__})"
@@ -129,7 +125,7 @@ def shrink(model, small: PyTree):
     if isinstance(var, nnx.Variable):
       key = "/".join(str(p) for p in path)
       if key in values:
-        var.set_value(values[key]) if hasattr(var, "set_value") else setattr(var, "value", values[key])
+        var.set_value(values[key])
   for _, m in nnx.iter_graph(model):
     _fix_nnx_widths(m)
   return model

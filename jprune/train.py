@@ -79,10 +79,11 @@ def evaluate(model, params, batch_stats, x, y, batch_size: int = 1000, noise: fl
              seed: int = 0) -> dict:
   """Top-1 and top-5 accuracy (and mean loss) on (x, y); `noise` adds Gaussian input noise of that std."""
   logits_of = _logits_fn(model, bool(noise))
+  std = jnp.asarray(noise, jnp.float32)
   top1 = top5 = loss = 0.0
   key = jax.random.key(seed)
   for i, (xb, yb) in enumerate(_data.eval_batches(x, y, batch_size)):
-    lg = logits_of(params, batch_stats, xb, jax.random.fold_in(key, i), jnp.asarray(noise, jnp.float32))
+    lg = logits_of(params, batch_stats, xb, jax.random.fold_in(key, i), std)
     top1 += float(jnp.sum(jnp.argmax(lg, -1) == yb))
     k = min(5, lg.shape[-1])
     top5 += float(jnp.sum(jnp.any(jax.lax.top_k(lg, k)[1] == yb[:, None], axis=-1)))

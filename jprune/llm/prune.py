@@ -284,8 +284,7 @@ def prune_block(cfg: LlamaConfig, block: PyTree, xs: list, selected, method: str
   return block, masks, xs
 
 
-def _granularity_name(g) -> str:
-  return f"{g.n}:{g.m}" if g.kind == "nm" else g.kind
+_granularity_name = _masks.granularity_name
 
 
 def _prune_kernel(w, method, sparsity, g, compare, stat, grad, blocksize, percdamp):
