@@ -17,6 +17,23 @@ os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(_RUN_DIR, "xla")
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 os.environ["TFDS_DATA_DIR"] = os.path.join(_RUN_DIR, "tfds")
+# XLA's CPU backend compiles at LLVM -O0 in tests: the same HLO and the same HLO passes, about half the compile
+# time (most of the suite is compiling small programs); IEEE semantics hold at any level. Subprocesses get the
+# same flags (`xla_flags`), so a result compared bit for bit across processes is compiled the same way.
+# Benchmarks and users keep XLA's default.
+_TEST_XLA_FLAGS = ["--xla_backend_optimization_level=0"]
+
+
+def xla_flags(devices=None) -> str:
+  """XLA_FLAGS for this test run, with `devices` forced host devices (default: as set)."""
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if f not in _TEST_XLA_FLAGS]
+  if devices is not None:
+    flags = [f for f in flags if not f.startswith("--xla_force_host_platform_device_count")]
+    flags.append(f"--xla_force_host_platform_device_count={devices}")
+  return " ".join(flags + _TEST_XLA_FLAGS)
+
+
+os.environ["XLA_FLAGS"] = xla_flags()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

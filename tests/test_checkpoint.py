@@ -19,6 +19,7 @@ import pytest
 from flax import nnx
 
 import jprune as jp
+from conftest import xla_flags
 
 JOB = str(Path(__file__).with_name("_resume_job.py"))
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(Path(__file__).parents[1]))
@@ -197,7 +198,7 @@ print("SHARDED-RESTORE-OK")
 
 
 def test_sharded_restore_on_8_devices():
-  env = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  env = dict(ENV, XLA_FLAGS=xla_flags(8))
   out = subprocess.run([sys.executable, "-c", SHARDED], capture_output=True, text=True, env=env, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "SHARDED-RESTORE-OK" in out.stdout

@@ -34,8 +34,10 @@ def _logits(cfg, params, toks):
 def test_compacted_equals_masked(tiny, criterion, setting):
   params, calib = tiny
   res = width.prune_width(CFG, params, calib, criterion=criterion, progress=False, **setting)
+  # the smaller matmuls sum fewer terms in another order: float32 rounding, up to ~2e-5 here depending on XLA's
+  # dot kernels (the tests compile at LLVM -O0, see conftest.py)
   np.testing.assert_allclose(_logits(res.config, res.params, calib), _logits(CFG, res.masked_params, calib),
-                             rtol=1e-5, atol=1e-5)
+                             rtol=1e-5, atol=5e-5)
   assert width.n_params(res.params) < width.n_params(params)
   assert res.info["params_after"] == width.n_params(res.params)
   # the masks are the core's broadcastable format and zero exactly the removed units

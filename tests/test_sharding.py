@@ -5,9 +5,9 @@ import subprocess
 import sys
 import textwrap
 
+from conftest import xla_flags
+
 SCRIPT = textwrap.dedent("""
-import os
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 import jax, jax.numpy as jnp, numpy as np, optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 import jprune as jp
@@ -50,7 +50,7 @@ print("SHARDING-OK")
 
 
 def test_sharded_masks_match_single_device():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(8), JAX_PLATFORMS="cpu")
   out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
   assert out.returncode == 0, out.stderr[-4000:]
   assert "SHARDING-OK" in out.stdout
