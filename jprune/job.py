@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Optional
@@ -62,9 +63,11 @@ class RunConfig:
 
   def dense_identity(self, data_fingerprint: str) -> dict:
     """Everything that decides the dense model: a checkpoint is reused only when all of it matches."""
-    return {"format": 1, "model": self.model, "dataset": self.dataset, "data": data_fingerprint,
-            "limit": self.limit, "epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr,
-            "weight_decay": self.weight_decay, "seed": self.seed}
+    identity = {"format": 1, "model": self.model, "dataset": self.dataset, "data": data_fingerprint,
+                "limit": self.limit, "epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr,
+                "weight_decay": self.weight_decay, "seed": self.seed}
+    code = _models.code_digest(self.model)   # your own model: the content of the file that defines it
+    return identity if code is None else {**identity, "model_code": code}
 
   def prune_identity(self, data_fingerprint: str) -> dict:
     """Everything that decides the pruned model (the dense model's identity included; the allocation by content)."""
@@ -115,8 +118,11 @@ def validate(cfg: RunConfig) -> None:
     raise ValueError(f"sparsity must be in [0, 1), got {cfg.sparsity}.")
   if cfg.scope not in ("layer", "global"):
     raise ValueError(f"scope must be layer or global, got {cfg.scope!r}.")
-  if cfg.model not in _models.MODELS:
-    raise ValueError(f"unknown model {cfg.model!r}; choose from {', '.join(_models.MODELS)}.")
+  if ":" in cfg.model:
+    _models.code_digest(cfg.model)   # importable (one clear line if not); built when the data's shape is known
+  elif cfg.model not in _models.MODELS:
+    raise ValueError(f"unknown model {cfg.model!r}; choose from {', '.join(_models.MODELS)}, or give your own as "
+                     f"package.module:factory.")
   jp.masks.parse_granularity(cfg.granularity)
   if cfg.distribution not in ("uniform", "erk") and not cfg.allocation:
     raise ValueError(f"unknown distribution {cfg.distribution!r}; choose uniform or erk (or --allocation FILE).")
@@ -537,32 +543,38 @@ def _sweep(cfg: RunConfig, criteria, sparsities) -> dict:
   ds = load_data(cfg)
   model = _model_for(cfg, ds)
   dense_state, dense_hist = train_dense(cfg, ds, model)
-  dense_acc = _train.evaluate(model, dense_state["params"], dense_state.get("batch_stats"), ds.x_test,
-                              ds.y_test)["top1"]
-  from jprune._progress import progress_bar
-  cells = [(c, s) for c in criteria for s in sparsities]
   fp = _data.fingerprint(ds)
-  tags = {(c, s): dataclasses.replace(cfg, criterion=c, sparsity=s).prune_tag(fp) for c, s in cells}
-  for c, s in progress_bar(cells, desc="sweep", disable=not cfg.progress):
-    key = tags[c, s]
-    if key in cache:
-      continue
-    sub = dataclasses.replace(cfg, criterion=c, sparsity=s, progress=False)
-    res = prune_and_finetune(sub, ds, model, dense_state)
-    acc = _train.evaluate(model, res["state"]["params"], res["state"].get("batch_stats"), ds.x_test, ds.y_test)
-    cache[key] = {"criterion": c, "sparsity": s, "top1": acc["top1"], "top5": acc["top5"],
-                  "reached": float(jp.sparsity(res["masks"], res["state"]["params"]))}
+  tags = {(c, s): dataclasses.replace(cfg, criterion=c, sparsity=s).prune_tag(fp) for c in criteria for s in sparsities}
+  stats = dense_state.get("batch_stats")
+
+  def evaluate(p):
+    return _train.evaluate(model, p, stats, ds.x_test, ds.y_test)
+
+  def prune(c, s):   # the run's own pruning: scheduled, fine-tuned, resumable under out/prune-<tag>
+    res = prune_and_finetune(dataclasses.replace(cfg, criterion=c, sparsity=s, progress=False), ds, model,
+                             dense_state)
+    return res["state"]["params"], res["masks"]
+
+  def store(cell, value):
+    c, s = cell
+    cache[tags[cell]] = {"criterion": c, "sparsity": s, "top1": value["eval"]["top1"],
+                         "top5": value["eval"]["top5"], "reached": value["reached"]}
     tmp = cache_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(cache, indent=1))
     os.replace(tmp, cache_path)
-  cells_out = {f"{c}@{s:g}": cache[tags[c, s]] for c, s in cells}
+
+  # a cell is reused only when its prune tag (the digest of everything that decides it) is in the cache
+  done = {cell: {"metric": cache[t]["top1"]} for cell, t in tags.items() if t in cache}
+  from jprune import analysis
+  result = analysis.sweep(dense_state["params"], evaluate, {c: None for c in criteria}, sparsities, prune=prune,
+                          done=done, on_cell=store, metric="top1", progress=cfg.progress)
+  dense_acc = result.baseline
+  cells_out = {f"{c}@{s:g}": cache[tags[c, s]] for c, s in tags}
   tmp = out / "sweep.json.tmp"
   tmp.write_text(json.dumps(cells_out, indent=1))
   os.replace(tmp, out / "sweep.json")
-  curves = {c: ([s for s in sparsities], [100 * cells_out[f"{c}@{s:g}"]["top1"] for s in sparsities])
-            for c in criteria}
-  _report.plot_lines(curves, str(out / "sweep.png"), xlabel="sparsity", ylabel="test top-1 (%)",
-                     title=f"{cfg.model}: accuracy vs sparsity ({cfg.schedule})", baseline=100 * dense_acc)
+  analysis.plot_sweep(result, str(out / "sweep.png"), ylabel="test top-1",
+                      title=f"{cfg.model}: accuracy vs sparsity ({cfg.schedule})")
   table = "| criterion | " + " | ".join(f"{s:.0%}" for s in sparsities) + " |\n|---|" + "---:|" * len(sparsities) + "\n"
   for c in criteria:
     table += f"| {c} | " + " | ".join(f"{100 * cells_out[f'{c}@{s:g}']['top1']:.2f}%" for s in sparsities) + " |\n"
@@ -585,50 +597,25 @@ def sensitivity(cfg: RunConfig, grid=(0.5, 0.7, 0.8, 0.9, 0.95, 0.98), target: O
 
 
 def _sensitivity(cfg, grid, target, allocation_path) -> dict:
+  from jprune import analysis
   out = Path(cfg.out)
   ds = load_data(cfg)
   model = _model_for(cfg, ds)
   dense_state, _ = train_dense(cfg, ds, model)
   params, stats = dense_state["params"], dense_state.get("batch_stats")
-  base = _train.evaluate(model, params, stats, ds.x_test, ds.y_test)["top1"]
   crit = criterion_of(cfg.criterion, for_training=False)
   calib = list(_data.batches(ds.x_train, ds.y_train, 256, seed=cfg.seed + 1, epoch=0))[:cfg.calib_batches]
   scores = jp.scores(crit, params, loss_fn=_loss_fn(model, stats), batches=calib, progress=False)
-  layers = [p for p, f in zip(jp._tree.paths(params), jax.tree.leaves(jp.select.resolve(None, params))) if f]
-  sizes = {p: int(np.prod(x.shape)) for p, x in jp._tree.leaves_with_paths(params)}
-  acc = {}
-  from jprune._progress import progress_bar
-  for layer in progress_bar(layers, desc="sensitivity", disable=not cfg.progress):
-    acc[layer] = []
-    for s in grid:
-      m = jp.topk(scores, s, where="^" + layer.replace("/", "/") + "$")
-      acc[layer].append(_train.evaluate(model, jp.apply(params, m), stats, ds.x_test, ds.y_test)["top1"])
-  _report.plot_lines({l: (list(grid), [100 * a for a in acc[l]]) for l in layers}, str(out / "sensitivity.png"),
-                     xlabel="sparsity of this layer only", ylabel="test top-1 (%)",
-                     title=f"{cfg.model}: per-layer sensitivity ({cfg.criterion})", baseline=100 * base)
-  result = {"dense_top1": base, "grid": list(grid), "accuracy": acc}
+  top1 = lambda p: _train.evaluate(model, p, stats, ds.x_test, ds.y_test)["top1"]
+  sens = analysis.layer_sensitivity(params, scores, top1, grid, progress=cfg.progress)
+  analysis.plot_sensitivity(sens, str(out / "sensitivity.png"), ylabel="test top-1",
+                            title=f"{cfg.model}: per-layer sensitivity ({cfg.criterion})")
+  result = {"dense_top1": sens.baseline, "grid": list(sens.grid), "accuracy": sens.metric}
   if target is not None:
-    alloc = {l: 0.0 for l in layers}
-    level = {l: -1 for l in layers}
-    total = sum(sizes[l] for l in layers)
-    pruned = lambda: sum(alloc[l] * sizes[l] for l in layers) / total
-    while pruned() < target - 1e-9:
-      best, best_cost = None, math.inf
-      for l in layers:
-        if level[l] + 1 >= len(grid):
-          continue
-        prev_acc = base if level[l] < 0 else acc[l][level[l]]
-        gain = (grid[level[l] + 1] - alloc[l]) * sizes[l]
-        cost = max(prev_acc - acc[l][level[l] + 1], 0.0) / gain
-        if cost < best_cost:
-          best, best_cost = l, cost
-      if best is None:
-        break
-      level[best] += 1
-      alloc[best] = grid[level[best]]
-    mapping = {"^" + l + "$": alloc[l] for l in layers}
+    mapping = analysis.allocate(sens, target)
+    total = sum(sens.sizes.values())
     result["allocation"] = mapping
-    result["allocation_sparsity"] = pruned()
+    result["allocation_sparsity"] = sum(mapping["^" + re.escape(l) + "$"] * n for l, n in sens.sizes.items()) / total
     path = allocation_path or str(out / "allocation.json")
     with open(path, "w") as f:
       json.dump(mapping, f, indent=1)
