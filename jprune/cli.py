@@ -35,8 +35,12 @@ SWEEP_SPARSITIES = [0.5, 0.8, 0.9, 0.95, 0.98]
 def _common(p: argparse.ArgumentParser, grid: bool = False):
   """The options `run`, `sweep` and `sensitivity` share. With `grid` (sweep), --criterion and --sparsity take
   comma-separated lists (the older spellings --criteria and --sparsities still work, unlisted)."""
-  p.add_argument("--model", default="lenet300", help="lenet300 | lenet5 | resnet | simplecnn")
-  p.add_argument("--dataset", default="fashion_mnist", help="fashion_mnist (offline: Debian files) | mnist | cifar10")
+  p.add_argument("--model", default="lenet300", help="lenet300 | lenet5 | resnet | simplecnn | your own as "
+                 "package.module:factory (a callable returning a linen Module called as model(x, train=bool) -> "
+                 "logits; it gets num_classes= if it takes it)")
+  p.add_argument("--dataset", default="fashion_mnist", help="fashion_mnist (offline: Debian files) | any "
+                 "tensorflow-datasets image-classification name (mnist, cifar10, ...) | your own as "
+                 "package.module:function returning (x_train, y_train, x_test, y_test)")
   p.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX files (default: "
                  "$JPRUNE_FASHION_MNIST_DIR, else Debian's dataset-fashion-mnist folder)")
   crit = "magnitude | gradient | taylor | fisher | movement | random"

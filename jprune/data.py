@@ -166,7 +166,9 @@ def load(name: str = "fashion_mnist", *, data_dir: Optional[str] = None, cache_d
 
   Args:
     name: "fashion_mnist" (local Debian files when present, else tfds's online builder), "mnist", "cifar10",
-      or any tfds image-classification name with `image`/`label` features.
+      any tfds image-classification name with `image`/`label` features, or your own "package.module:function"
+      returning `(x_train, y_train, x_test, y_test)` (or a dict with those keys): inputs as float arrays of any
+      shape your model takes (used as given), labels as integer class ids.
     data_dir: folder with the Fashion-MNIST IDX files (default: $JPRUNE_FASHION_MNIST_DIR, then
       /usr/share/datasets/fashion-mnist).
     cache_dir: where tfds writes prepared array_record files (default $TFDS_DATA_DIR or ~/tensorflow_datasets).
@@ -175,12 +177,14 @@ def load(name: str = "fashion_mnist", *, data_dir: Optional[str] = None, cache_d
   The prepared copy of local IDX files lives under `cache_dir/jprune_fashion_mnist/<sha256 of the files>`, so
   other files (another --data-dir, an edited file) are prepared anew, never answered from an older copy.
   """
+  if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 1):
+    raise DataError(f"limit must be a positive number of examples per split, got {limit!r}.")
+  if ":" in name:
+    return _user_dataset(name, limit)
   import tensorflow_datasets as tfds
   from jprune._progress import _is_terminal
   if os.environ.get("JPRUNE_NO_PROGRESS") or not _is_terminal(sys.stderr):   # tfds's preparation bars: terminal only
     tfds.disable_progress_bar()
-  if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 1):
-    raise DataError(f"limit must be a positive number of examples per split, got {limit!r}.")
   cache = tfds_dir(cache_dir)
   if name == "fashion_mnist":
     explicit = data_dir or os.environ.get(ENV_DATA_DIR)
@@ -209,6 +213,48 @@ def load(name: str = "fashion_mnist", *, data_dir: Optional[str] = None, cache_d
     source = builder.as_data_source(split=split if whole else f"{split}[:{limit}]")
     arrays.extend(_to_arrays(source))
   return Dataset(*arrays, name=name)
+
+
+_SPLITS = ("x_train", "y_train", "x_test", "y_test")
+
+
+def _user_dataset(spec: str, limit: Optional[int]) -> Dataset:
+  """Arrays from the user's "package.module:function", checked (one clear line for each problem)."""
+  from jprune import _spec
+  fn = _spec.load_object(spec, "--dataset")
+  try:
+    got = fn() if callable(fn) else fn
+  except Exception as e:
+    raise DataError(f"--dataset {spec!r}: the function raised {type(e).__name__}: {str(e)[:200]}") from e
+  if isinstance(got, dict):
+    missing = [k for k in _SPLITS if k not in got]
+    if missing:
+      raise DataError(f"--dataset {spec!r}: the dict lacks {', '.join(missing)}; expected keys {', '.join(_SPLITS)}.")
+    got = tuple(got[k] for k in _SPLITS)
+  if not isinstance(got, (tuple, list)) or len(got) != 4:
+    raise DataError(f"--dataset {spec!r}: expected (x_train, y_train, x_test, y_test) or a dict with those keys, "
+                    f"got {type(got).__name__}.")
+  arrays = [np.asarray(a) for a in got]
+  for split, (x, y) in (("train", arrays[:2]), ("test", arrays[2:])):
+    if x.ndim < 2 or not np.issubdtype(x.dtype, np.number):
+      raise DataError(f"--dataset {spec!r}: x_{split} must be a numeric array (examples, ...), got dtype "
+                      f"{x.dtype} and shape {x.shape}.")
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer) or (y.size and y.min() < 0):
+      raise DataError(f"--dataset {spec!r}: y_{split} must be 1-D non-negative integer class ids, got dtype "
+                      f"{y.dtype} and shape {y.shape}.")
+    if len(x) != len(y) or len(x) == 0:
+      raise DataError(f"--dataset {spec!r}: x_{split} has {len(x)} examples and y_{split} {len(y)}; expected the "
+                      f"same positive number.")
+    if not np.all(np.isfinite(x)):
+      raise DataError(f"--dataset {spec!r}: x_{split} holds NaN or inf.")
+  if arrays[0].shape[1:] != arrays[2].shape[1:]:
+    raise DataError(f"--dataset {spec!r}: train inputs {arrays[0].shape[1:]} and test inputs "
+                    f"{arrays[2].shape[1:]} differ in shape.")
+  if limit is not None:
+    arrays = [a[:limit] for a in arrays]
+  xtr, ytr, xte, yte = arrays
+  return Dataset(xtr.astype(np.float32), ytr.astype(np.int32), xte.astype(np.float32), yte.astype(np.int32),
+                 name=spec)
 
 
 def _tfds_builder(name, cache):

@@ -9,6 +9,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jprune import _spec
+
 
 class LeNet300(nn.Module):
   """LeNet-300-100 (LeCun et al. 1998; Han et al. 2015): 784 → 300 → 100 → classes."""
@@ -98,10 +100,55 @@ MODELS = {"lenet300": LeNet300, "lenet5": LeNet5, "resnet": ResNet, "simplecnn":
 
 
 def create(name: str, **kwargs) -> nn.Module:
-  """Builds a reference model by name (lenet300, lenet5, resnet, simplecnn)."""
+  """Builds a reference model by name (lenet300, lenet5, resnet, simplecnn), or yours as "package.module:factory".
+
+  A factory is any callable returning a linen Module called as `model(x, train=bool)` that returns logits (BatchNorm
+  statistics, if any, in the "batch_stats" collection); it gets those of `kwargs` it accepts by name (e.g.
+  `num_classes`). The module is imported from the current folder or the Python path.
+  """
+  if ":" in name:
+    return _user_model(name, kwargs)
   if name not in MODELS:
-    raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}.")
+    raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}, or give your own as "
+                     f"package.module:factory.")
   return MODELS[name](**kwargs)
+
+
+def code_digest(spec: str) -> Optional[str]:
+  """sha256 of the source file that defines "package.module:…" (None for a reference model's name): part of a
+  run's identity, so an edited model is trained anew instead of answered from an older checkpoint."""
+  if ":" not in spec:
+    return None
+  import hashlib
+  import inspect
+  import sys
+  _spec.load_object(spec, "--model")
+  mod = sys.modules[spec.partition(":")[0]]
+  path = inspect.getsourcefile(mod)
+  data = open(path, "rb").read() if path else repr(mod).encode()
+  return hashlib.sha256(data).hexdigest()
+
+
+def _user_model(spec: str, kwargs) -> nn.Module:
+  import inspect
+  factory = _spec.load_object(spec, "--model")
+  if not callable(factory):
+    raise ValueError(f"--model {spec!r}: {type(factory).__name__} is not callable; expected a factory returning "
+                     f"a linen Module.")
+  try:
+    params = inspect.signature(factory).parameters
+    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    given = {k: v for k, v in kwargs.items() if takes_all or k in params}
+  except (TypeError, ValueError):   # no signature (a builtin): call it bare
+    given = {}
+  model = factory(**given)
+  if not isinstance(model, nn.Module):
+    raise ValueError(f"--model {spec!r}: the factory returned {type(model).__name__}, expected a flax.linen Module.")
+  call = inspect.signature(type(model).__call__).parameters
+  if "train" not in call and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in call.values()):
+    raise ValueError(f"--model {spec!r}: {type(model).__name__}.__call__ takes no `train` argument; jprune calls "
+                     f"model(x, train=True) to train and model(x, train=False) to evaluate.")
+  return model
 
 
 class TransformerBlock(nn.Module):
