@@ -54,6 +54,12 @@ def test_layer_sensitivity_prunes_one_layer_at_a_time():
     zeros = [int(np.sum(np.asarray(p[n]["kernel"]) == 0)) for n in ("Dense_0", "Dense_1")]
     assert sorted(z > 0 for z in zeros) == [False, True]
   assert sens.metric["Dense_1/kernel"][-1] < 1.0     # 90% of the output layer costs accuracy
+  # the allocation feeds jp.by_path: top-k then prunes each layer to its allocated sparsity
+  alloc = A.allocate(sens, 0.5)
+  masks = jp.topk(jp.scores(jp.magnitude(), params), jp.by_path(alloc))
+  for name, n in (("Dense_0", 128), ("Dense_1", 64)):
+    assert int(np.sum(~np.asarray(masks[name]["kernel"]))) == round(alloc[f"^{name}/kernel$"] * n)
+  assert float(jp.sparsity(masks, params)) >= 0.5
 
 
 def test_allocate_spends_the_target_where_it_costs_least():
