@@ -61,7 +61,7 @@ from jprune.checkpoint import load_sparse as load_sparse  # noqa: E402
 
 __all__ += ["STE", "activation", "activations", "checkpoint", "export_sparse", "load_sparse", "ste", "wanda"]
 
-_SUBMODULES = ("analysis", "llm", "models", "resize", "structured")   # imported on first use: `jp.structured.groups(...)`
+_SUBMODULES = ("analysis", "llm", "models", "recipe", "resize", "structured")   # imported on first use: `jp.structured.groups(...)`
 
 
 def __getattr__(name):

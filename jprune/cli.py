@@ -60,6 +60,10 @@ def _common(p: argparse.ArgumentParser, grid: bool = False):
   p.add_argument("--granularity", default="unstructured", help="unstructured | N:M (e.g. 2:4) | neurons | blocksHxW")
   p.add_argument("--distribution", default="uniform", help="uniform | erk (per-layer targets; implies layer scope)")
   p.add_argument("--allocation", default=None, help="JSON {regex: sparsity} (from `jprune sensitivity`)")
+  if p.prog.endswith(" run"):
+    p.add_argument("--recipe", default=None, help="TOML recipe (see examples/recipe.toml): per-path criterion, "
+                   "granularity, target and schedule; replaces --criterion/--sparsity/--schedule/--scope/"
+                   "--granularity/--distribution")
   p.add_argument("--epochs", type=int, default=20, help="dense training epochs")
   p.add_argument("--finetune-epochs", type=int, default=20, help="fine-tuning epochs with masks kept (the "
                  "polynomial schedule prunes during them)")
@@ -106,7 +110,8 @@ def _config(args):
     criterion, sparsity = args.criterion, args.sparsity
   return RunConfig(model=args.model, dataset=args.dataset, data_dir=args.data_dir, criterion=criterion,
                    sparsity=sparsity, schedule=args.schedule, scope=args.scope, granularity=args.granularity,
-                   distribution=args.distribution, allocation=args.allocation, epochs=args.epochs,
+                   distribution=args.distribution, allocation=args.allocation,
+                   recipe=getattr(args, "recipe", None), epochs=args.epochs,
                    finetune_epochs=args.finetune_epochs, batch_size=args.batch_size, lr=args.lr,
                    finetune_lr=args.finetune_lr, seed=args.seed, out=args.out, distill=args.distill,
                    limit=args.limit, calib_batches=args.calib_batches, progress=not args.no_progress,
@@ -124,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
   parser = _Parser(prog="jprune", description="Prune JAX/Flax models: train, prune, fine-tune, report.")
   sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
   fmt = dict(formatter_class=_Help)   # --help shows every default
-  run = sub.add_parser("run", help="train a reference model, prune it, fine-tune, report", **fmt)
+  run = sub.add_parser("run", help="train a model, prune it, fine-tune, report", **fmt)
   _common(run)
   sw = sub.add_parser("sweep", help="compare criteria across sparsities from one dense model", **fmt)
   _common(sw, grid=True)

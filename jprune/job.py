@@ -45,6 +45,7 @@ class RunConfig:
   granularity: str = "unstructured"
   distribution: str = "uniform"
   allocation: Optional[str] = None
+  recipe: Optional[str] = None      # a TOML recipe (jprune.recipe): replaces criterion/sparsity/schedule/...
   epochs: int = 20
   finetune_epochs: int = 20
   batch_size: int = 128
@@ -73,19 +74,38 @@ class RunConfig:
     """Everything that decides the pruned model (the dense model's identity included; the allocation by content)."""
     keys = ("criterion", "sparsity", "schedule", "scope", "granularity", "distribution", "finetune_epochs",
             "finetune_lr", "distill", "calib_batches")
-    return {"dense": self.dense_identity(data_fingerprint), "allocation": _allocation_content(self.allocation),
-            **{k: getattr(self, k) for k in keys}}
+    ident = {"dense": self.dense_identity(data_fingerprint), "allocation": _allocation_content(self.allocation),
+             **{k: getattr(self, k) for k in keys}}
+    if self.recipe:   # by content, defaults filled in (not by path)
+      ident["recipe"] = _recipe_of(self).to_dict()
+    return ident
 
   def dense_dir(self, data_fingerprint: str) -> str:
     return os.path.join(self.out, "dense-" + _digest(self.dense_identity(data_fingerprint)))
 
   def prune_tag(self, data_fingerprint: str = "") -> str:
-    return (f"{self.criterion}-{self.schedule}-{self.sparsity:g}-"
-            + _digest(self.prune_identity(data_fingerprint)))
+    head = "recipe" if self.recipe else f"{self.criterion}-{self.schedule}-{self.sparsity:g}"
+    return f"{head}-" + _digest(self.prune_identity(data_fingerprint))
 
 
 def _digest(identity: dict) -> str:
   return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+_RECIPE_SETS = {"criterion": "magnitude", "sparsity": 0.9, "schedule": "polynomial", "scope": "global",
+                "granularity": "unstructured", "distribution": "uniform", "allocation": None}
+
+
+def _recipe_of(cfg: "RunConfig"):
+  """The run's recipe (parsed, defaults filled in); refuses options the recipe sets, given as well."""
+  from jprune import recipe as _recipe
+  both = [k for k, default in _RECIPE_SETS.items() if getattr(cfg, k) != default]
+  if both:
+    raise ValueError(f"--recipe sets the criterion, sparsity, schedule, scope, granularity and distribution of "
+                     f"each entry; drop {', '.join('--' + k for k in both)}.")
+  if cfg.compact:
+    raise ValueError("--compact needs --granularity neurons without a recipe (coupled groups from the jaxpr).")
+  return _recipe.load(cfg.recipe)
 
 
 def _allocation_content(path: Optional[str]):
@@ -140,6 +160,8 @@ def validate(cfg: RunConfig) -> None:
     raise ValueError(f"--finetune-epochs 0 with --schedule {cfg.schedule} would prune nothing (that schedule "
                      f"prunes during fine-tuning); use --schedule one-shot to prune without fine-tuning.")
   _allocation_content(cfg.allocation)
+  if cfg.recipe:
+    _recipe_of(cfg)
   _check_out(cfg.out)
   if cfg.compact and jp.masks.parse_granularity(cfg.granularity).kind != "neurons":
     raise ValueError("--compact removes whole neurons/channels: use it with --granularity neurons.")
@@ -187,6 +209,13 @@ def _check_data(cfg: RunConfig, ds: _data.Dataset) -> None:
   if cfg.batch_size > len(ds.x_train):
     raise ValueError(f"--batch-size {cfg.batch_size} is larger than the {len(ds.x_train)} training examples: "
                      f"no step would run.")
+  if cfg.recipe:   # before any training: a schedule that ends after the last step would never reach its target
+    per_epoch = _data.steps_per_epoch(len(ds.x_train), cfg.batch_size)
+    total, at = cfg.finetune_epochs * per_epoch, _recipe_of(cfg).reaches_target_at()
+    if at > total:
+      raise ValueError(f"--recipe {cfg.recipe}: its schedules reach their targets at step {at}, but fine-tuning "
+                       f"runs {total} steps ({cfg.finetune_epochs} epochs × {per_epoch}); end the schedules "
+                       f"earlier or fine-tune longer.")
 
 
 def criterion_of(name: str, for_training: bool) -> jp.Criterion:
@@ -303,7 +332,9 @@ def prune_and_finetune(cfg: RunConfig, ds, model, dense_state) -> dict:
   where = _where_for(gran, params, quiet=True)   # noted (or refused) by check_granularity_fits before training
   scores = None
   groups = gmasks = None
-  if gran.kind == "neurons":
+  if cfg.recipe:
+    tx = _recipe_of(cfg).pruned(_adam(cfg.finetune_lr, cfg.weight_decay, total))
+  elif gran.kind == "neurons":
     # whole neurons/channels/heads: groups of coupled axes from the jaxpr, so every member (bias, BatchNorm,
     # next layer's input) is masked together and the result can be compacted
     from jprune import structured as S
@@ -354,6 +385,8 @@ def prune_and_finetune(cfg: RunConfig, ds, model, dense_state) -> dict:
                               metadata={"phase": "prune", "config": dataclasses.asdict(cfg)},
                               identity=cfg.prune_identity(fp))
   masks = jp.masks_of(state["opt"])
+  if scores is None and cfg.recipe:   # several criteria: the histograms show |w| of the dense weights
+    scores = jp.scores(jp.magnitude(), dense_state["params"])
   if scores is None:  # scores of the trained criterion state; weight-only criteria on the dense weights
     crit = criterion_of(cfg.criterion, for_training=True)
     weights = dense_state["params"] if not crit.needs_grads else state["params"]
@@ -458,15 +491,23 @@ def _compact_metrics(cfg, ds, model, st, res, dense_variables, xb, dense_flops) 
           "speedup": float(np.median(lat_dense) / np.median(lat_small))}
 
 
+def _what_md(cfg, m) -> str:
+  """What was pruned and how: the options, or the recipe's entries."""
+  if cfg.recipe:
+    return (f"recipe `{cfg.recipe}`:\n\n{_recipe_of(cfg).markdown()}\nreached {m['sparsity']:.2%} over the "
+            f"selected leaves")
+  return (f"criterion **{cfg.criterion}**, schedule **{cfg.schedule}**, scope **{cfg.scope}**, granularity\n"
+          f"**{cfg.granularity}**, distribution **{cfg.allocation or cfg.distribution}**, target sparsity "
+          f"**{cfg.sparsity:.0%}**\n(reached {m['sparsity']:.2%})")
+
+
 def _markdown(cfg, m, summ) -> str:
   d, p = m["dense"], m["pruned"]
   rob = "\n".join(f"| σ = {s} | {100 * v['dense']:.2f}% | {100 * v['pruned']:.2f}% |"
                   for s, v in m["robustness_top1"].items())
   return f"""# jprune run: {cfg.model} on {cfg.dataset}
 
-criterion **{cfg.criterion}**, schedule **{cfg.schedule}**, scope **{cfg.scope}**, granularity
-**{cfg.granularity}**, distribution **{cfg.allocation or cfg.distribution}**, target sparsity **{cfg.sparsity:.0%}**
-(reached {m['sparsity']:.2%}); dense {cfg.epochs} epochs, fine-tune {cfg.finetune_epochs} epochs
+{_what_md(cfg, m)}; dense {cfg.epochs} epochs, fine-tune {cfg.finetune_epochs} epochs
 {'with distillation from the dense model' if cfg.distill else ''}.
 
 | model | top-1 | top-5 | test loss |

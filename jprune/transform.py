@@ -226,9 +226,25 @@ def masks_of(opt_state) -> PyTree:
   """Returns the masks held in an optimizer state (searched through chains, MultiSteps, inject_hyperparams).
 
   An nnx optimizer's state (`nnx.Optimizer.opt_state`) is accepted as it comes; the masks come back as plain
-  nested dicts (no `OptVariable` wrappers), ready for `summary`, `apply` and `nnx.update`."""
-  found = [x for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, (PruneState, KeepPrunedState)))
-           if isinstance(x, (PruneState, KeepPrunedState))]
+  nested dicts (no `OptVariable` wrappers), ready for `summary`, `apply` and `nnx.update`. Several pruning states
+  (nested `pruned(pruned(...))`, as a recipe builds, or `pruned` chained with `keep_pruned`) give one mask tree:
+  an entry is kept only where every one of them keeps it."""
+  found = _prune_states(opt_state)
   if not found:
     raise ValueError("no PruneState or KeepPrunedState in this optimizer state.")
-  return _tree.pure(found[0].masks)
+  masks = _tree.pure(found[0].masks)
+  for other in found[1:]:
+    masks = jax.tree.map(jnp.logical_and, masks, _tree.pure(other.masks))
+  return masks
+
+
+def _prune_states(opt_state) -> list:
+  """Every PruneState / KeepPrunedState in an optimizer state, the ones nested in a PruneState's inner included."""
+  is_state = lambda x: isinstance(x, (PruneState, KeepPrunedState))
+  out = []
+  for x in jax.tree.leaves(opt_state, is_leaf=is_state):
+    if is_state(x):
+      out.append(x)
+      if isinstance(x, PruneState):
+        out.extend(_prune_states(x.inner))
+  return out
