@@ -1,6 +1,6 @@
 """Gradual magnitude pruning (Zhu & Gupta 2017) inside the training loop: one optax transformation.
 
-Run: python examples/02_gradual_magnitude.py     (~1 minute on 2 CPU cores)
+Run: python examples/02_gradual_magnitude.py     (24 s on 2 CPU cores, measured)
 """
 
 import jax

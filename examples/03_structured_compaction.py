@@ -1,7 +1,7 @@
 """Structured pruning that pays: find coupled axes from the jaxpr, prune half the hidden neurons, fine-tune
 with the masks kept, then physically remove them and check the smaller model gives the same outputs.
 
-Run: python examples/03_structured_compaction.py     (~1 minute on 2 CPU cores)
+Run: python examples/03_structured_compaction.py     (31 s on 2 CPU cores, measured)
 """
 
 import jax
