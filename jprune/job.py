@@ -491,6 +491,14 @@ def _compact_metrics(cfg, ds, model, st, res, dense_variables, xb, dense_flops) 
           "speedup": float(np.median(lat_dense) / np.median(lat_small))}
 
 
+def _header_md(command: str, cfg) -> str:
+  """The first lines every report.md starts with: the command, model, data and training settings."""
+  return (f"# jprune {command}: {cfg.model} on {cfg.dataset}\n\nschedule **{cfg.schedule}**, scope **{cfg.scope}**, "
+          f"granularity **{cfg.granularity}**; dense {cfg.epochs} epochs (batch {cfg.batch_size}, lr {cfg.lr:g}, seed "
+          f"{cfg.seed}){f', fine-tune {cfg.finetune_epochs} epochs (lr {cfg.finetune_lr:g})' if command != 'sensitivity' else ''}"
+          f"{f', first {cfg.limit} examples of each split' if cfg.limit else ''}.")
+
+
 def _what_md(cfg, m) -> str:
   """What was pruned and how: the options, or the recipe's entries."""
   if cfg.recipe:
@@ -619,8 +627,15 @@ def _sweep(cfg: RunConfig, criteria, sparsities) -> dict:
   table = "| criterion | " + " | ".join(f"{s:.0%}" for s in sparsities) + " |\n|---|" + "---:|" * len(sparsities) + "\n"
   for c in criteria:
     table += f"| {c} | " + " | ".join(f"{100 * cells_out[f'{c}@{s:g}']['top1']:.2f}%" for s in sparsities) + " |\n"
-  (out / "sweep.md").write_text(f"# sweep: {cfg.model}, {cfg.schedule}, dense top-1 {100 * dense_acc:.2f}%\n\n"
-                                f"{table}\n![sweep](sweep.png)\n")
+  cell_rows = "".join(f"| {c} | {s:.0%} | {100 * cells_out[f'{c}@{s:g}']['reached']:.2f}% | "
+                      f"{100 * cells_out[f'{c}@{s:g}']['top1']:.2f}% | {100 * cells_out[f'{c}@{s:g}']['top5']:.2f}% | "
+                      f"`prune-{tags[c, s]}` |\n" for c, s in tags)
+  report = (f"{_header_md('sweep', cfg)}\n\nEvery cell starts from the same dense model (top-1 "
+            f"{100 * dense_acc:.2f}%), prunes by its criterion to its sparsity and fine-tunes; test top-1:\n\n"
+            f"{table}\n![sweep](sweep.png)\n\n| criterion | target | reached | top-1 | top-5 | run folder |\n"
+            f"|---|---:|---:|---:|---:|---|\n{cell_rows}")
+  for name in ("report.md", "sweep.md"):   # sweep.md: the name earlier versions wrote
+    (out / name).write_text(report)
   return {"dense_top1": dense_acc, "cells": cells_out, "table": table}
 
 
@@ -663,4 +678,14 @@ def _sensitivity(cfg, grid, target, allocation_path) -> dict:
     result["allocation_path"] = path
   with open(out / "sensitivity.json", "w") as f:
     json.dump(result, f, indent=1)
+  alloc_md = ""
+  if target is not None:
+    alloc_md = (f"\n\nAllocation for an overall {target:.0%} (greedy: the least top-1 lost per pruned weight; "
+                f"reached {result['allocation_sparsity']:.2%}), written to `{result['allocation_path']}` for "
+                f"`jprune run --allocation`:\n\n| layer | sparsity |\n|---|---:|\n"
+                + "".join(f"| {k} | {v:.0%} |\n" for k, v in result["allocation"].items()))
+  (out / "report.md").write_text(
+      f"{_header_md('sensitivity', cfg)}\n\nEach layer alone pruned one-shot by **{cfg.criterion}** (no "
+      f"fine-tuning); test top-1 (dense {100 * sens.baseline:.2f}%):\n\n"
+      f"{analysis.table(sens, fmt='{:.2%}')}\n![sensitivity](sensitivity.png){alloc_md}\n")
   return result

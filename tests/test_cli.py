@@ -185,12 +185,18 @@ def test_sweep_and_sensitivity(idx_dir, tmp_path, capsys):
   assert set(cells) == {"magnitude@0.5", "magnitude@0.9"}
   assert cells["magnitude@0.5"]["top1"] == before["magnitude@0.5"]
   assert len(list(out.glob("prune-*"))) == 3           # one pruned model per cell, none trained twice
+  report = (out / "report.md").read_text()             # the same kind of report as `jprune run` writes
+  assert report.startswith("# jprune sweep: lenet300 on fashion_mnist\n") and "![sweep](sweep.png)" in report
+  assert "| magnitude | 90% |" in report and "| criterion | 50% | 90% |" in report
   jprune_here(["sensitivity", *base, "--grid", "0.5,0.9", "--target", "0.6"], capsys)
   alloc = json.loads((out / "allocation.json").read_text())
   assert set(alloc) == {"^Dense_0/kernel$", "^Dense_1/kernel$", "^Dense_2/kernel$"}
   sizes = {"^Dense_0/kernel$": 784 * 300, "^Dense_1/kernel$": 300 * 100, "^Dense_2/kernel$": 100 * 10}
   assert sum(alloc[k] * n for k, n in sizes.items()) / sum(sizes.values()) >= 0.6
   assert (out / "sensitivity.png").exists()
+  report = (out / "report.md").read_text()
+  assert report.startswith("# jprune sensitivity: lenet300") and "| layer | 50% | 90% |" in report
+  assert "| ^Dense_0/kernel$ |" in report and "![sensitivity](sensitivity.png)" in report
   jprune_here(["run", *base, "--allocation", str(out / "allocation.json"), "--sparsity", "0.6"], capsys)
 
 
