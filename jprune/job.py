@@ -493,8 +493,9 @@ def _compact_metrics(cfg, ds, model, st, res, dense_variables, xb, dense_flops) 
 
 def _header_md(command: str, cfg) -> str:
   """The first lines every report.md starts with: the command, model, data and training settings."""
-  return (f"# jprune {command}: {cfg.model} on {cfg.dataset}\n\nschedule **{cfg.schedule}**, scope **{cfg.scope}**, "
-          f"granularity **{cfg.granularity}**; dense {cfg.epochs} epochs (batch {cfg.batch_size}, lr {cfg.lr:g}, seed "
+  how = (f"criterion **{cfg.criterion}**, granularity **{cfg.granularity}**" if command == "sensitivity" else
+         f"schedule **{cfg.schedule}**, scope **{cfg.scope}**, granularity **{cfg.granularity}**")
+  return (f"# jprune {command}: {cfg.model} on {cfg.dataset}\n\n{how}; dense {cfg.epochs} epochs (batch {cfg.batch_size}, lr {cfg.lr:g}, seed "
           f"{cfg.seed}){f', fine-tune {cfg.finetune_epochs} epochs (lr {cfg.finetune_lr:g})' if command != 'sensitivity' else ''}"
           f"{f', first {cfg.limit} examples of each split' if cfg.limit else ''}.")
 
