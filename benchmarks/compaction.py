@@ -123,13 +123,15 @@ def main():
       print(f"{name} {frac:.0%} removed: params {row['params_ratio']:.3f}, FLOPs {row['flops_ratio']:.3f}, "
             f"latency {lat_ratio:.3f} ({row['speedup']:.2f}x faster; latency/FLOP ratio "
             f"{row['latency_over_flops']:.2f}; |compacted - masked| <= {diff:.1e})", flush=True)
+  command = " ".join(["python benchmarks/compaction.py", *sys.argv[1:]])
   mlp50 = next((r for r in rows if r["model"].startswith("lenet300") and r["removed"] == 0.5), None)
-  if mlp50 is None or args.models:
-    print("(a partial run: results not written)")
+  if mlp50 is None or args.models:   # a partial run: its own file, never mixed into the full run's
+    slug = "-".join(sorted(m.strip().replace(" ", "_") for m in args.models.split(",") if m.strip())) or "partial"
+    print("wrote", _common.write(f"compaction-{slug}", {"batch": args.batch, "rows": rows, "command": command}))
     return
   path = _common.write("compaction", {"batch": args.batch, "rows": rows, "target_mlp50_latency_over_flops": 1.25,
                                       "mlp50_latency_over_flops": mlp50["latency_over_flops"],
-                                      "command": " ".join(["python benchmarks/compaction.py", *sys.argv[1:]])})
+                                      "command": command})
   print("wrote", path)
 
 

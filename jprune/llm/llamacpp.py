@@ -10,14 +10,13 @@ given (no BOS, no re-tokenization), and answers in JSON. Where it looks (first f
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import shutil
 import subprocess
 from pathlib import Path
 from typing import Optional, Sequence
-
-import numpy as np
 
 VERSION = "3.22.1"
 SCRIPT = Path(__file__).with_name("llamacpp.mjs")
@@ -90,6 +89,7 @@ def run(model_path: str, *, windows=None, prompts: Optional[Sequence[Sequence[in
   req = {"model": os.path.abspath(model_path), "threads": int(threads or os.cpu_count() or 1),
          "context": int(context), "batch": int(batch)}
   if windows is not None:
+    import numpy as np
     w = np.asarray(windows)
     if w.ndim != 2 or w.shape[1] > context:
       raise ValueError(f"windows must be (n, T) token ids with T <= context={context}; got shape {w.shape}.")
@@ -118,4 +118,11 @@ def run(model_path: str, *, windows=None, prompts: Optional[Sequence[Sequence[in
 def perplexity(model_path: str, windows, **kw) -> float:
   """exp(mean next-token NLL) of the windows (n, T) in llama.cpp: the same windows `llm.perplexity` takes."""
   out = run(model_path, windows=windows, **kw)
-  return float(np.exp(sum(out["nll"]) / sum(out["count"])))
+  return float(math.exp(sum(out["nll"]) / sum(out["count"])))
+
+
+if __name__ == "__main__":   # `python3 jprune/llm/llamacpp.py install FOLDER`: stdlib only, so setup can run it early
+  import sys
+  if sys.argv[1:2] != ["install"] or len(sys.argv) != 3:
+    sys.exit("usage: llamacpp.py install FOLDER")
+  install(sys.argv[2])
