@@ -213,8 +213,8 @@ def plot_score_histograms(scores, masks, path: str, max_layers: int = 12) -> str
     keep = np.broadcast_to(np.asarray(m), s.shape)
     v = np.log10(np.abs(s) + 1e-12)
     bins = np.linspace(v.min(), v.max() + 1e-9, 50)
-    ax.hist(v[keep], bins=bins, alpha=0.7, label="kept", color="#228833")
-    ax.hist(v[~keep], bins=bins, alpha=0.7, label="pruned", color="#cc3311")
+    ax.hist(v[keep], bins=bins, alpha=0.7, label="kept", color="#228833", histtype="stepfilled")   # one patch
+    ax.hist(v[~keep], bins=bins, alpha=0.7, label="pruned", color="#cc3311", histtype="stepfilled")
     ax.set_title(p, fontsize=9)
     ax.set_xlabel("log10 |score|", fontsize=8)
   for ax in axes.reshape(-1)[len(items):]:

@@ -102,11 +102,11 @@ def test_run_variants(idx_dir, tmp_path, extra):
   assert m["sparsity"] > 0.4
 
 
-def test_killed_run_resumes_to_the_same_result(idx_dir, tmp_path):
+def test_killed_run_resumes_to_the_same_result(idx_dir, tmp_path, capsys):
   args = ["run", "--data-dir", str(idx_dir), "--epochs", "3", "--finetune-epochs", "1", "--batch-size", "16",
           "--limit", "320", "--save-every", "5", "--sparsity", "0.7"]
   ref = tmp_path / "ref"
-  jprune(args + ["--out", str(ref)], tmp_path)
+  jprune_here(args + ["--out", str(ref)], capsys)      # the reference, uninterrupted (no process of its own needed)
   out = tmp_path / "killed"
   proc = subprocess.Popen([sys.executable, "-m", "jprune.cli", *args, "--out", str(out)], env=_env(tmp_path),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
