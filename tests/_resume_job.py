@@ -21,8 +21,9 @@ def make(big: int = 0):
             "Dense_1": {"kernel": jax.random.normal(jax.random.fold_in(k, 1), (32, 4)), "bias": jnp.zeros((4,))}}
   if big:
     params["Big"] = {"kernel": jax.random.normal(jax.random.fold_in(k, 2), (big, 1024)) * 0.01}
+  # the Dense kernels are pruned; Big (only there to make each save slow) is trained but not pruned
   tx = jp.pruned(optax.adamw(0.01, weight_decay=0.1), criterion=jp.taylor(ema=0.9),
-                 schedule=jp.polynomial(final=0.8, begin=4, end=20, every=4))
+                 schedule=jp.polynomial(final=0.8, begin=4, end=20, every=4), where=r"^Dense_\d+/kernel$")
   return params, tx
 
 
