@@ -6,7 +6,7 @@ training loop does) and measured two ways:
 - XLA's `compiled.memory_analysis()`: arguments + outputs + temporaries − aliased (donated) bytes, i.e. what the
   program needs at its peak, and the temporaries alone;
 - peak RSS of a fresh process that builds the params, the optimizer state and the gradients, and runs 3 steps
-  (`resource.getrusage().ru_maxrss`), minus the RSS after `import jax, jprune` (the interpreter and libraries).
+  (VmHWM from /proc/self/status), minus the RSS after `import jax, jprune` (the interpreter and libraries).
 The gradients are an argument, so the model's forward/backward (the same in both) is left out: the comparison is
 the optimizer's own cost. `pruned` uses magnitude scores, global scope and a polynomial schedule whose first mask
 update is at step 0 (the step measured runs the k-th-key search and builds masks).
@@ -23,10 +23,16 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 
 CHILD = r"""
-import json, resource, sys
+import json, sys
 import jax, jax.numpy as jnp, numpy as np, optax
 import jprune as jp
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+def status(key):   # from /proc: VmHWM is this address space's own peak (getrusage's ru_maxrss survives exec and
+  for line in open("/proc/self/status"):   # starts at the parent's resident size)
+    if line.startswith(key + ":"):
+      return int(line.split()[1]) * 1024
+
+base = status("VmRSS")
 tree, kind, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
 sys.path.insert(0, sys.argv[4])
 from memory import shapes, optimizer
@@ -42,7 +48,7 @@ step = jax.jit(lambda p, s, g: (lambda u_s: (optax.apply_updates(p, u_s[0]), u_s
 for _ in range(steps):
   params, state = step(params, state, grads)
 jax.block_until_ready(params)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = status("VmHWM")
 print(json.dumps({"peak_rss": peak, "base_rss": base}))
 """
 
