@@ -143,3 +143,6 @@ def test_sensitivity_takes_an_nnx_state_and_evaluates_states():
   sens = A.layer_sensitivity(state, jp.scores(jp.magnitude(), state), evaluate, (0.5, 0.9), higher_is_better=False)
   assert sens.baseline == 0.0 and set(sens.metric) == {"layers/0/kernel", "layers/2/kernel"}
   assert all(0 < a < b for a, b in sens.metric.values())
+  # scores and topk take the State as it comes and give States back
+  masks = jp.topk(jp.scores(jp.magnitude(), state), 0.5)
+  assert isinstance(masks, nnx.State) and float(jp.sparsity(masks, state)) == 0.5
