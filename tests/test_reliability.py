@@ -328,7 +328,7 @@ def _files(root: Path) -> set:
   return {p.relative_to(root) for p in root.rglob("*") if p.is_file()}
 
 
-@hypothesis.settings(max_examples=12, deadline=None, derandomize=True,
+@hypothesis.settings(max_examples=8, deadline=None, derandomize=True,
                      suppress_health_check=[hypothesis.HealthCheck.function_scoped_fixture,
                                             hypothesis.HealthCheck.too_slow])
 @hypothesis.given(args=argv())
