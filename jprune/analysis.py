@@ -165,11 +165,10 @@ def _as_given(given, tree):
 def _criterion(c) -> tuple:
   if isinstance(c, _criteria.Criterion):
     raise TypeError("give Criterion objects as a dict {name: Criterion}, so each row of the sweep has a name.")
-  names = {"magnitude": _criteria.magnitude, "gradient": _criteria.gradient, "taylor": _criteria.taylor,
-           "fisher": _criteria.fisher, "random": lambda: _criteria.random(0)}
+  names = [n for n in _criteria.NAMES if n != "movement"]   # movement scores a training run, not one set of params
   if c not in names:
     raise ValueError(f"unknown criterion {c!r}; use one of {', '.join(names)} or pass a dict {{name: Criterion}}.")
-  return c, names[c]()
+  return c, _criteria.by_name(c)
 
 
 def sweep(params: PyTree, evaluate: Evaluate, criteria, sparsities: Sequence[float], *,

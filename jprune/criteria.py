@@ -99,6 +99,19 @@ def random(seed: int = 0) -> Criterion:
   return Criterion(init=lambda params: (), update=lambda state, params, grads=None, **extra: state, score=score)
 
 
+NAMES = ("magnitude", "gradient", "taylor", "fisher", "movement", "random")
+WITH_EMA = ("gradient", "taylor", "fisher")
+
+
+def by_name(name: str, ema: Optional[float] = None) -> Criterion:
+  """The criterion called `name` (one of `NAMES`); `ema` for the accumulating ones, `random` seeded with 0."""
+  if name not in NAMES:
+    raise ValueError(f"unknown criterion {name!r}; choose from {', '.join(NAMES)}.")
+  if name in WITH_EMA:
+    return {"gradient": gradient, "taylor": taylor, "fisher": fisher}[name](ema=ema)
+  return {"magnitude": magnitude, "movement": movement, "random": lambda: random(0)}[name]()
+
+
 def scores(criterion: Criterion, params: PyTree, *, loss_fn: Optional[Callable] = None,
            batches: Optional[Iterable] = None, progress: bool = True) -> PyTree:
   """Computes importance scores one-shot, running `jax.grad(loss_fn)` over `batches` when needed.

@@ -24,12 +24,13 @@ import numpy as np
 import optax
 
 import jprune as jp
+from jprune import criteria as _criteria
 from jprune import data as _data
 from jprune import models as _models
 from jprune import report as _report
 from jprune import train as _train
 
-CRITERIA = ("magnitude", "gradient", "taylor", "fisher", "movement", "random")
+CRITERIA = _criteria.NAMES
 SCHEDULES = ("polynomial", "one-shot", "iterative")
 
 
@@ -219,10 +220,7 @@ def _check_data(cfg: RunConfig, ds: _data.Dataset) -> None:
 
 
 def criterion_of(name: str, for_training: bool) -> jp.Criterion:
-  ema = 0.9 if for_training else None
-  return {"magnitude": lambda: jp.magnitude(), "gradient": lambda: jp.gradient(ema=ema),
-          "taylor": lambda: jp.taylor(ema=ema), "fisher": lambda: jp.fisher(ema=ema),
-          "movement": lambda: jp.movement(), "random": lambda: jp.random(0)}[name]()
+  return _criteria.by_name(name, ema=0.9 if for_training else None)
 
 
 def _distribution(cfg: RunConfig):

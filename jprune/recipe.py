@@ -47,9 +47,8 @@ try:
 except ModuleNotFoundError:   # Python 3.10
   import tomli as _toml
 
-CRITERIA = {"magnitude": _criteria.magnitude, "gradient": _criteria.gradient, "taylor": _criteria.taylor,
-            "fisher": _criteria.fisher, "movement": _criteria.movement, "random": _criteria.random}
-_WITH_EMA = ("gradient", "taylor", "fisher")
+CRITERIA = _criteria.NAMES
+_WITH_EMA = _criteria.WITH_EMA
 _ENTRY_KEYS = {"where", "target", "criterion", "ema", "granularity", "scope", "distribution", "schedule"}
 _SCHEDULE_KEYS = {"polynomial": {"kind", "begin", "end", "every", "initial", "power"},
                   "constant": {"kind", "every"}, "one_shot": {"kind", "at"},
@@ -84,11 +83,7 @@ class Entry:
     return _schedules.iterative(**s)
 
   def criterion_fn(self) -> _criteria.Criterion:
-    if self.criterion == "random":
-      return _criteria.random(0)
-    if self.criterion in _WITH_EMA:
-      return CRITERIA[self.criterion](ema=self.ema)
-    return CRITERIA[self.criterion]()
+    return _criteria.by_name(self.criterion, ema=self.ema)
 
   def reaches_target_at(self) -> int:
     """The step from which this entry's masks are at their target."""
