@@ -101,7 +101,7 @@ def layer_sensitivity(params: PyTree, scores: PyTree, evaluate: Evaluate,
   """
   grid = _check_grid(grid, "grid")
   g = _masks.parse_granularity(granularity)
-  if g.kind == "nm":
+  if g.fixed_pattern:
     raise ValueError("layer_sensitivity varies the sparsity, which N:M fixes; use unstructured, blocks or neurons.")
   given, params, scores = params, _tree.pure(params), _tree.pure(scores)
   _tree.check_same_structure(params, scores, "params", "scores")

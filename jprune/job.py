@@ -27,6 +27,7 @@ import jprune as jp
 from jprune import criteria as _criteria
 from jprune import data as _data
 from jprune import models as _models
+from jprune.granularity import Neurons
 from jprune import report as _report
 from jprune import train as _train
 
@@ -164,7 +165,7 @@ def validate(cfg: RunConfig) -> None:
   if cfg.recipe:
     _recipe_of(cfg)
   _check_out(cfg.out)
-  if cfg.compact and jp.masks.parse_granularity(cfg.granularity).kind != "neurons":
+  if cfg.compact and not isinstance(jp.masks.parse_granularity(cfg.granularity), Neurons):
     raise ValueError("--compact removes whole neurons/channels: use it with --granularity neurons.")
 
 
@@ -332,7 +333,7 @@ def prune_and_finetune(cfg: RunConfig, ds, model, dense_state) -> dict:
   groups = gmasks = None
   if cfg.recipe:
     tx = _recipe_of(cfg).pruned(_adam(cfg.finetune_lr, cfg.weight_decay, total))
-  elif gran.kind == "neurons":
+  elif isinstance(gran, Neurons):
     # whole neurons/channels/heads: groups of coupled axes from the jaxpr, so every member (bias, BatchNorm,
     # next layer's input) is masked together and the result can be compacted
     from jprune import structured as S
@@ -340,18 +341,14 @@ def prune_and_finetune(cfg: RunConfig, ds, model, dense_state) -> dict:
       print("jprune: note: structured pruning prunes once (one-shot), then fine-tunes with masks kept.",
             file=sys.stderr)
     groups = _groups(model, params, stats, ds)
-    crit = criterion_of(cfg.criterion, for_training=False)
-    calib = list(_data.batches(ds.x_train, ds.y_train, 256, seed=cfg.seed + 1, epoch=0))[:cfg.calib_batches]
-    scores = jp.scores(crit, params, loss_fn=_loss_fn(model, stats), batches=calib, progress=cfg.progress)
+    scores = _calib_scores(cfg, ds, model, params, stats, progress=cfg.progress)
     gmasks = S.group_masks(groups, S.group_scores(groups, scores, reduce="l2"), cfg.sparsity,
                            scope="global" if cfg.scope == "global" else "group")
     masks = S.to_param_masks(groups, gmasks, params)
     params = jp.apply(params, masks)
     tx = optax.chain(_adam(cfg.finetune_lr, cfg.weight_decay, total), jp.keep_pruned(masks))
   elif cfg.schedule == "one-shot":
-    crit = criterion_of(cfg.criterion, for_training=False)
-    calib = list(_data.batches(ds.x_train, ds.y_train, 256, seed=cfg.seed + 1, epoch=0))[:cfg.calib_batches]
-    scores = jp.scores(crit, params, loss_fn=_loss_fn(model, stats), batches=calib, progress=cfg.progress)
+    scores = _calib_scores(cfg, ds, model, params, stats, progress=cfg.progress)
     target = cfg.sparsity if dist is None else dist(params, cfg.sparsity, where)
     masks = jp.topk(scores, target, scope=scope, granularity=gran, where=where)
     params = jp.apply(params, masks)
@@ -651,6 +648,13 @@ def sensitivity(cfg: RunConfig, grid=(0.5, 0.7, 0.8, 0.9, 0.95, 0.98), target: O
     return _sensitivity(cfg, grid, target, allocation_path)
 
 
+def _calib_scores(cfg, ds, model, params, stats, *, progress):
+  """The criterion's one-shot scores over `cfg.calib_batches` training batches (seeded apart from training)."""
+  crit = criterion_of(cfg.criterion, for_training=False)
+  calib = list(_data.batches(ds.x_train, ds.y_train, 256, seed=cfg.seed + 1, epoch=0))[:cfg.calib_batches]
+  return jp.scores(crit, params, loss_fn=_loss_fn(model, stats), batches=calib, progress=progress)
+
+
 def _sensitivity(cfg, grid, target, allocation_path) -> dict:
   from jprune import analysis
   out = Path(cfg.out)
@@ -658,9 +662,7 @@ def _sensitivity(cfg, grid, target, allocation_path) -> dict:
   model = _model_for(cfg, ds)
   dense_state, _ = train_dense(cfg, ds, model)
   params, stats = dense_state["params"], dense_state.get("batch_stats")
-  crit = criterion_of(cfg.criterion, for_training=False)
-  calib = list(_data.batches(ds.x_train, ds.y_train, 256, seed=cfg.seed + 1, epoch=0))[:cfg.calib_batches]
-  scores = jp.scores(crit, params, loss_fn=_loss_fn(model, stats), batches=calib, progress=False)
+  scores = _calib_scores(cfg, ds, model, params, stats, progress=False)
   top1 = lambda p: _train.evaluate(model, p, stats, ds.x_test, ds.y_test)["top1"]
   sens = analysis.layer_sensitivity(params, scores, top1, grid, progress=cfg.progress)
   analysis.plot_sensitivity(sens, str(out / "sensitivity.png"), ylabel="test top-1",

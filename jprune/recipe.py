@@ -188,7 +188,7 @@ def _entry(raw: dict, defaults: dict, label: str) -> Entry:
   if bad:
     raise _err(label, f"schedule {kind} takes {sorted(_SCHEDULE_KEYS[kind] - {'kind'})}, not {sorted(bad)}.")
   target = e.get("target")
-  if g.kind == "nm":
+  if g.fixed_pattern:
     implied = (g.m - g.n) / g.m
     if target is not None and abs(float(target) - implied) > 1e-9:
       raise _err(label, f"granularity {gran} prunes {implied:g} of every group of {g.m}; target {target} "

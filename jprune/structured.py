@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jprune import _tree
+from jprune import _kth, _tree
 
 try:  # public home of jaxpr classes
   from jax.extend.core import Literal
@@ -54,12 +54,13 @@ ELEMENTWISE = {
     "sqrt", "rsqrt", "cbrt", "integer_pow", "pow", "square", "sign", "floor", "ceil", "round", "erf", "erfc",
     "erf_inv", "sin", "cos", "tan", "select_n", "clamp", "convert_element_type", "stop_gradient", "nextafter",
     "rem", "atan2", "and", "or", "not", "xor", "eq", "ne", "lt", "le", "gt", "ge", "is_finite", "expm1",
-    "copy", "copy_p", "reduce_precision", "real", "imag", "optimization_barrier", "asinh", "acosh", "atanh",
+    "copy", "reduce_precision", "real", "imag", "optimization_barrier", "asinh", "acosh", "atanh",
     "sinh", "cosh", "asin", "acos", "atan", "shift_left", "shift_right_logical", "shift_right_arithmetic",
-    "population_count", "max_p", "min_p", "tan", "logaddexp",
+    "population_count",
 }
 REDUCTIONS = {"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "argmax", "argmin", "reduce_and",
               "reduce_or", "reduce_xor"}
+# call-like primitives; several names are the same primitive in older JAX versions ("pjit" before "jit", …)
 CALLS = {"pjit", "jit", "closed_call", "core_call", "remat", "checkpoint", "custom_jvp_call", "custom_vjp_call",
          "custom_vjp_call_jaxpr", "remat2", "custom_lin"}
 
@@ -477,7 +478,6 @@ def group_masks(groups_: Sequence[Group], gscores: Sequence[jax.Array], sparsity
   of different sizes compare); "group" prunes `sparsity` of every group. Each group keeps at least
   `(1 − max_ratio)` of its units and a multiple of `round_to` (hardware-friendly widths).
   """
-  from jprune import masks as _masks
   _tree.check_sparsity(sparsity)
   if scope not in ("global", "group"):
     raise ValueError(f"scope must be 'global' or 'group', got {scope!r}.")
@@ -490,7 +490,7 @@ def group_masks(groups_: Sequence[Group], gscores: Sequence[jax.Array], sparsity
   if scope == "global":
     normed = [gscores[i] / (jnp.mean(gscores[i]) + 1e-12) for i in prunable]
     n = sum(int(x.size) for x in normed)
-    keeps = _masks.prune_lowest([(x, None) for x in normed], int(round(sparsity * n)), _masks._unit_key)
+    keeps = _kth.prune_lowest([(x, None) for x in normed], int(round(sparsity * n)), _kth.unit_key)
     counts = [int(k.sum()) for k in keeps]
   else:
     counts = [groups_[i].size - int(round(sparsity * groups_[i].size)) for i in prunable]
@@ -499,7 +499,7 @@ def group_masks(groups_: Sequence[Group], gscores: Sequence[jax.Array], sparsity
     size = groups_[i].size
     c = max(c, math.ceil((1.0 - max_ratio) * size), 1)
     c = min(size, int(math.ceil(c / round_to) * round_to))
-    kp, = _masks.prune_lowest([(gscores[i], None)], size - c, _masks._unit_key)
+    kp, = _kth.prune_lowest([(gscores[i], None)], size - c, _kth.unit_key)
     result[i] = kp
   for i, g in enumerate(groups_):
     out.append(result.get(i, jnp.ones(g.size, jnp.bool_)))

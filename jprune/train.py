@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import json
-import time
 from typing import Any, Callable, Optional
 
 import jax
@@ -188,10 +187,3 @@ def fit(model, state: dict, tx, ds: _data.Dataset, *, epochs: int, batch_size: i
 def _pos(place, epoch: int, batch: int):
   pos = jnp.asarray([epoch, batch], jnp.int32)
   return pos if place is None else place.state(pos)
-
-
-def timed(fn, *args):
-  t = time.perf_counter()
-  out = fn(*args)
-  jax.block_until_ready(out)
-  return out, time.perf_counter() - t

@@ -14,11 +14,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jprune import _tree
+from jprune import _kth, _tree
 from jprune import criteria as _criteria
 from jprune import masks as _masks
 from jprune import schedules as _schedules
 from jprune import select as _select
+from jprune.granularity import Unstructured
 
 PyTree = Any
 
@@ -34,13 +35,6 @@ class KeepPrunedState(NamedTuple):
   masks: PyTree
 
 
-def _mask_shape(shape, g: _masks.Granularity):
-  if g.kind == "neurons":
-    ax = g.axis % len(shape)
-    return tuple(shape[i] if i == ax else 1 for i in range(len(shape)))
-  return tuple(shape)
-
-
 def init_masks(params: PyTree, where=None, granularity=None) -> PyTree:
   """All-True masks in the granularity's shape at selected leaves, scalar True elsewhere."""
   g = _masks.parse_granularity(granularity)
@@ -48,8 +42,8 @@ def init_masks(params: PyTree, where=None, granularity=None) -> PyTree:
   out = []
   for (path, p), f in zip(_tree.leaves_with_paths(params), flags):
     if f:
-      _masks.check_granularity(g, path, p.shape)
-      out.append(jnp.ones(_mask_shape(p.shape, g), jnp.bool_))
+      g.check(path, p.shape)
+      out.append(jnp.ones(g.mask_shape(p.shape), jnp.bool_))
     else:
       out.append(jnp.asarray(True))
   return jax.tree.unflatten(jax.tree.structure(params), out)
@@ -78,10 +72,10 @@ def _drop_grow(w, grad, mask, n_keep, frac, key, kind):
   n_drop = jnp.round(frac * jnp.asarray(n_keep, jnp.float32)).astype(jnp.int32)
   wabs = jnp.abs(w.astype(jnp.float32))
   # drop: prune every inactive entry plus the n_drop weakest active ones
-  after_drop, = _masks.prune_lowest([(wabs, mask)], (n - n_keep) + n_drop, _masks._unit_key)
+  after_drop, = _kth.prune_lowest([(wabs, mask)], (n - n_keep) + n_drop, _kth.unit_key)
   grow = jnp.abs(grad.astype(jnp.float32)) if kind == "rigl" else jax.random.uniform(key, w.shape)
   big = jnp.float32(jnp.finfo(jnp.float32).max)
-  keep, = _masks.prune_lowest([(jnp.where(after_drop, big, grow), None)], n - n_keep, _masks._unit_key)
+  keep, = _kth.prune_lowest([(jnp.where(after_drop, big, grow), None)], n - n_keep, _kth.unit_key)
   return keep
 
 
@@ -137,9 +131,9 @@ def pruned(tx: optax.GradientTransformation, *, criterion: Optional[_criteria.Cr
   if dst is not None:
     if dst not in _DST:
       raise ValueError(f"regrow must be False, True, 'rigl' or 'set'; got {regrow!r}.")
-    if scope != "layer" or g.kind != "unstructured":
+    if scope != "layer" or not isinstance(g, Unstructured):
       raise ValueError(f"regrow={dst!r} needs scope='layer' and unstructured granularity "
-                       f"(got scope={scope!r}, {g.kind}).")
+                       f"(got scope={scope!r}, {g.name}).")
     if not 0.0 <= drop_fraction <= 1.0:
       raise ValueError(f"drop_fraction must be in [0, 1], got {drop_fraction}.")
   tx = optax.with_extra_args_support(tx)
@@ -174,7 +168,7 @@ def pruned(tx: optax.GradientTransformation, *, criterion: Optional[_criteria.Cr
         out.append(m)
         continue
       si = target if targets is None else targets[i]
-      n_keep = p.size - _masks._count_k(si, p.size)
+      n_keep = p.size - _kth.count_k(si, p.size)
       moved = _drop_grow(p, gr, m, n_keep, frac, jax.random.fold_in(key, i), dst)
       initial = jnp.sum(m, dtype=jnp.int32) > n_keep
       out.append(jnp.where(initial, f0, moved))

@@ -10,6 +10,7 @@ Hessians. The result is params and masks in the core's formats, so `jprune.summa
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any, NamedTuple, Optional
 
@@ -18,8 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jprune import _tree
+from jprune import _kth, _tree
 from jprune import masks as _masks
+from jprune.granularity import NM, Unstructured
 from jprune import select as _select
 from jprune.llm.eval import _config, _nll
 from jprune.llm.sparsegpt import sparsegpt
@@ -74,7 +76,7 @@ def _per_output_mask(score: jax.Array, k: int) -> jax.Array:
   """
   if k == 0:
     return jnp.ones(score.shape, bool)
-  u = jax.lax.bitcast_convert_type(_masks._keys(score), jnp.uint32) ^ jnp.uint32(0x80000000)   # unsigned, same order
+  u = jax.lax.bitcast_convert_type(_kth.keys(score), jnp.uint32) ^ jnp.uint32(0x80000000)   # unsigned, same order
 
   def key_bit(i, v):   # v: per column, the largest key value with #(u < v) < k, built from the top bit down
     bit = jnp.uint32(1) << (jnp.uint32(31) - i.astype(jnp.uint32))
@@ -100,11 +102,11 @@ def _per_output_mask(score: jax.Array, k: int) -> jax.Array:
 
 @jax.jit(static_argnames=("sparsity", "g", "compare"))
 def _choose(score: jax.Array, sparsity: float, g: _masks.Granularity, compare: str) -> jax.Array:
-  if g.kind == "nm":
-    return _masks._nm_mask(score, g._replace(axis=0), None)
+  if isinstance(g, NM):
+    return dataclasses.replace(g, axis=0).mask(score, None)
   if compare == "output":
     return _per_output_mask(score, k=int(round(sparsity * score.shape[0])))
-  keep, = _masks.prune_lowest([(score, None)], int(round(sparsity * score.size)), _masks._unit_key)
+  keep, = _kth.prune_lowest([(score, None)], int(round(sparsity * score.size)), _kth.unit_key)
   return keep
 
 
@@ -148,8 +150,8 @@ def check_arguments(cfg: LlamaConfig, params: PyTree, calibration_tokens, method
     raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}.")
   _tree.check_sparsity(sparsity)
   g = _masks.parse_granularity(granularity) if granularity is not None else _masks.unstructured()
-  if g.kind not in ("unstructured", "nm"):
-    raise ValueError(f"LLM pruning takes unstructured or N:M granularity, got {g.kind!r}.")
+  if not isinstance(g, (Unstructured, NM)):
+    raise ValueError(f"LLM pruning takes unstructured or N:M granularity, got {g.name!r}.")
   compare = compare or ("output" if method == "wanda" else "layer")
   if compare not in ("output", "layer"):
     raise ValueError(f"compare must be 'output' or 'layer', got {compare!r}.")
@@ -165,7 +167,7 @@ def check_arguments(cfg: LlamaConfig, params: PyTree, calibration_tokens, method
   for p, leaf in _tree.leaves_with_paths(params):
     if p in sel_paths and (len(leaf.shape) != 2 or not p.startswith("layers_")):
       raise ValueError(f"{p}: LLM pruning prunes 2-D kernels inside the decoder blocks; got shape {leaf.shape}.")
-    if p in sel_paths and g.kind == "nm" and leaf.shape[0] % g.m:
+    if p in sel_paths and isinstance(g, NM) and leaf.shape[0] % g.m:
       raise ValueError(f"{p}: N:M with m={g.m} does not divide the input axis of size {leaf.shape[0]}.")
   return g, compare, calib, sel_paths
 
@@ -289,7 +291,7 @@ _granularity_name = _masks.granularity_name
 
 def _prune_kernel(w, method, sparsity, g, compare, stat, grad, blocksize, percdamp):
   if method == "sparsegpt":
-    n, m = (g.n, g.m) if g.kind == "nm" else (0, 0)
+    n, m = (g.n, g.m) if isinstance(g, NM) else (0, 0)
     return sparsegpt(w, stat, float(sparsity), n, m, _blocksize(w.shape[0], blocksize, m), percdamp)
   if method == "magnitude":
     score = jnp.abs(w)

@@ -1,0 +1,350 @@
+"""The k-th-key search behind exact top-k: `prune_lowest(units, k, key_fn)` and the helpers it is built from.
+
+Scores map to int32 keys with the same order (`keys`). Up to `SORT_MAX` entries one sort finds the k-th key;
+beyond, `kth_key` brackets it with counting passes — elementwise ops and reductions only, one fused read of every
+leaf per pass counting four thresholds at once, placed where interpolation through the counts seen so far
+expects the k-th key — so the model itself is never sorted or concatenated (a strided sample of 32K keys is).
+Ties at the threshold are broken by leaf order, then row-major index, counted per leaf and ranked only inside
+the one row where the k-th tie falls.
+
+Public to the package (masks, transform, structured, llm): `prune_lowest`, `kth_key`, `keys`, `unit_key`,
+`count_k`, `PRUNED_KEY`, `SORT_MAX`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jprune import _tree
+
+_INT_MIN = np.iinfo(np.int32).min
+_INT_MAX = np.iinfo(np.int32).max
+_PRUNED_KEY = _INT_MIN + 1   # key of already-pruned entries: below every real score
+_UNROLLED = 5                # passes after the first, each skipped once the search has converged
+_SAMPLE = 1 << 15            # size of the strided sample that seeds the search
+_SORT_MAX = 1 << 14          # up to this many entries in one top-k, one sort finds the k-th key
+
+
+def _keys(s: jax.Array) -> jax.Array:
+  """Maps float32 scores to int32 keys with the same order (total order; -0.0 < +0.0). NaN (of either sign)
+  ranks lowest, below -inf, so a NaN score is pruned first; eager calls raise on NaN before getting here."""
+  b = jax.lax.bitcast_convert_type(s.astype(jnp.float32), jnp.int32)
+  # Integer ops only (this is fused into every counting pass): NaN iff the magnitude bits exceed +inf's.
+  nan = (b & jnp.int32(0x7FFFFFFF)) > jnp.int32(0x7F800000)
+  k = jnp.maximum(b ^ ((b >> 31) & jnp.int32(0x7FFFFFFF)), jnp.int32(_PRUNED_KEY + 1))
+  return jnp.where(nan, jnp.int32(_PRUNED_KEY + 1), k)
+
+
+def _unit_key(unit):
+  """Keys of (unit scores, prior unit mask or None): already-pruned units get the lowest key."""
+  s, prior = unit
+  k = _keys(s)
+  return k if prior is None else jnp.where(prior, k, jnp.int32(_PRUNED_KEY))
+
+
+def _u32(x):
+  return jax.lax.bitcast_convert_type(x, jnp.uint32)
+
+
+def _i32(x):
+  return jax.lax.bitcast_convert_type(x, jnp.int32)
+
+
+def _chunk(d: int, limit: int = 255) -> int:
+  """Largest divisor of `d` that is <= `limit` (narrow partial counts cannot overflow)."""
+  for c in range(min(d, limit), 0, -1):
+    if d % c == 0:
+      return c
+  return 1
+
+
+def _count_le(key: jax.Array, xs: jax.Array) -> jax.Array:
+  """#(key <= x) for each threshold in `xs`, for one leaf, in one pass: int32 `(len(xs),)`.
+
+  On XLA:CPU a reduction over a fused compare-and-convert to int32 is an order of magnitude slower than a
+  pass; counting in narrow types is not. Each threshold gets a byte of a uint32 word (four per word), summed
+  over chunks of <= 32 entries of the last axis (no byte can overflow), then split and summed in int32.
+  Reshaping only the last axis keeps leaves' shardings intact.
+  """
+  t = xs.shape[0]
+  if key.ndim == 0:
+    return (key <= xs).astype(jnp.int32)
+  d = key.shape[-1]
+  c = _chunk(d, 32)
+  spec = _explicit_spec(key)
+  if c < 8 or (spec is not None and len(spec) == key.ndim and spec[-1] is not None):
+    return jnp.stack([jnp.sum(key <= xs[j], dtype=jnp.int32) for j in range(t)])
+  out = []
+  for w in range(0, t, 4):
+    lanes = sum((key <= xs[j]).astype(jnp.uint32) << (8 * (j - w)) for j in range(w, min(t, w + 4)))
+    part = jnp.sum(lanes.reshape(*key.shape[:-1], d // c, c), axis=-1, dtype=jnp.uint32)
+    out += [jnp.sum(((part >> (8 * (j - w))) & 255).astype(jnp.int32)) for j in range(w, min(t, w + 4))]
+  return jnp.stack(out)
+
+
+def _sample(keys: Sequence[jax.Array], total: int) -> jax.Array:
+  """A sorted strided sample of about `_SAMPLE` keys, proportional to leaf sizes."""
+  parts = []
+  for k in keys:
+    n = k.size
+    take = max(1, min(n, int(round(_SAMPLE * n / total))))
+    ax = int(np.argmax(k.shape)) if k.ndim else 0
+    stride = max(1, min(k.shape[ax] if k.ndim else 1, n // take))
+    sub = k[(slice(None),) * ax + (slice(None, None, stride),)] if k.ndim else k
+    parts.append(_replicated(sub).reshape(-1))
+  return jnp.sort(jnp.concatenate(parts))
+
+
+def _explicit_spec(x):
+  """The PartitionSpec of `x` when it is sharded in explicit mode (else None)."""
+  sharding = getattr(jax.typeof(x), "sharding", None)
+  spec = getattr(sharding, "spec", None)
+  if spec is not None and any(s is not None for s in spec):
+    return spec
+  return None
+
+
+def _replicated(x: jax.Array) -> jax.Array:
+  """Replicates an array whose sharding is explicit (sort and flat cumsum need unsharded axes)."""
+  if _explicit_spec(x) is not None:
+    mesh = jax.typeof(x).sharding.mesh
+    return jax.sharding.reshard(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  return x
+
+
+class _Search(NamedTuple):
+  lo: jax.Array
+  hi: jax.Array
+  c_lo: jax.Array
+  c_hi: jax.Array
+  x_n: jax.Array    # a probe next to the bracket and its count (c_n = -1: none), for quadratic interpolation
+  c_n: jax.Array
+  stall: jax.Array  # consecutive passes that shrank the count bracket less than 4x
+  it: jax.Array
+
+
+_SAMPLE_SD = (-2.5, -0.8, 0.8, 2.5)  # first pass: sample quantiles at q + a·sd(q), sd(q) the sample's
+_COUNT_SD = (-2.0, -0.5, 0.5, 2.0)   # later passes: the key expected to have count k + a·sd, sd the bracket's
+_QUARTERS = (0.25, 0.5, 0.75)        # after two stalls: key-space quarters, plus hi - 1 (resolves a tie at hi)
+
+
+def _values(key: jax.Array) -> jax.Array:
+  """Inverse of `_keys` (float32; NaN for keys outside the finite range)."""
+  return jax.lax.bitcast_convert_type(jnp.where(key >= 0, key, key ^ jnp.int32(0x7FFFFFFF)), jnp.float32)
+
+
+def _offsets(frac, width):
+  """lo-relative uint32 offsets in [1, width - 1] for fractions of a key width (width >= 2)."""
+  off = jnp.minimum(jnp.round(frac * width.astype(jnp.float32)), 4294967040.0).astype(jnp.uint32)
+  return jnp.clip(off, jnp.uint32(1), width - 1)
+
+
+def _interpolate(st: _Search, c: jax.Array) -> jax.Array:
+  """Keys expected to have counts `c` (in [c_lo, c_hi]), strictly inside the bracket.
+
+  Inverse quadratic interpolation of value(count) through the bracket ends and the neighbouring probe, in
+  value space (keys are log-like across exponents and jump at zero); linear where that fails, and linear in
+  key space for narrow or unbounded brackets.
+  """
+  width = _u32(st.hi - st.lo)
+  f = lambda x: x.astype(jnp.float32)
+  c0, c1, cn = f(st.c_lo), f(st.c_hi), f(st.c_n)
+  v0, v1, vn = _values(st.lo), _values(st.hi), _values(st.x_n)
+  lin_v = v0 + (c - c0) / (c1 - c0) * (v1 - v0)
+  quad_v = (v0 * (c - c1) * (c - cn) / ((c0 - c1) * (c0 - cn)) + v1 * (c - c0) * (c - cn) / ((c1 - c0) * (c1 - cn))
+            + vn * (c - c0) * (c - c1) / ((cn - c0) * (cn - c1)))
+  quad_ok = (st.c_n >= 0) & (st.c_n != st.c_lo) & (st.c_n != st.c_hi) & jnp.all((quad_v > v0) & (quad_v < v1))
+  v = jnp.where(quad_ok, quad_v, lin_v)
+  key_lin = st.lo + _i32(_offsets((c - c0) / (c1 - c0), width))
+  by_value = jnp.isfinite(v0) & jnp.isfinite(v1) & (width > 1024) & jnp.all(jnp.isfinite(v))
+  key_v = _keys(jnp.where(jnp.isfinite(v), v, 0.0))
+  off = jnp.clip(_u32(key_v - st.lo), jnp.uint32(1), width - 1)
+  key_v = jnp.where(_u32(key_v - st.lo) >= width, jnp.where(key_v < st.lo, st.lo + 1, st.hi - 1), st.lo + _i32(off))
+  return jnp.where(by_value, key_v, key_lin)
+
+
+def kth_key(units: Sequence[jax.Array], k, key_fn=None) -> _Search:
+  """Brackets the k-th smallest key over all leaves with counting passes only, four thresholds per pass.
+
+  Invariant: c_lo = #(key <= lo) < k <= c_hi = #(key <= hi). Stops when c_hi == k (prune every key <= hi) or
+  hi == lo + 1 (hi is the k-th key; some entries equal to it are pruned, some kept). The first pass probes
+  quantiles of a small strided sample around k/N. Later passes interpolate where the count reaches k and
+  probe at ±0.5 and ±2 binomial standard deviations of the bracket's count around it, so a bracket of b
+  entries shrinks to about sqrt(b)/2: 16M entries take about four passes. After a pass that fails to shrink
+  the bracket 4x the spread grows 4x; after two, the pass probes the key-space quarters and hi - 1 (width /4
+  per pass, and a tie at hi is recognised at once), which bounds the worst case. `key_fn` maps a leaf to its
+  keys inside each pass, so keys are never stored.
+  """
+  key_fn = key_fn or (lambda u: u)
+  total = sum(int(jax.tree.leaves(x)[0].size) for x in units)
+  k = jnp.asarray(k, jnp.int32)
+  sample = _sample([key_fn(u) for u in units], total)
+  ns = sample.shape[0]
+  q = k.astype(jnp.float32) / total
+  sd_q = jnp.sqrt(q * (1.0 - q) / ns)
+  target = k.astype(jnp.float32) + 0.5
+  a_sample, a_count = jnp.array(_SAMPLE_SD, jnp.float32), jnp.array(_COUNT_SD, jnp.float32)
+
+  def probes(st: _Search) -> jax.Array:
+    width = _u32(st.hi - st.lo)  # >= 2
+    pos = jnp.clip(jnp.round((q + a_sample * sd_q) * ns + a_sample), 0, ns - 1).astype(jnp.int32)
+    first = sample[pos]
+    b = (st.c_hi - st.c_lo).astype(jnp.float32)
+    p = jnp.clip((target - st.c_lo.astype(jnp.float32)) / b, 0.0, 1.0)
+    sd = (jnp.sqrt(b * p * (1.0 - p)) + 0.5) * jnp.float32(4.0) ** st.stall.astype(jnp.float32)
+    c = jnp.clip(target + a_count * sd, st.c_lo.astype(jnp.float32), b + st.c_lo.astype(jnp.float32))
+    interp = _interpolate(st, c)
+    quarters = st.lo + _i32(_offsets(jnp.array(_QUARTERS, jnp.float32), width))
+    stalled = jnp.concatenate([quarters, (st.hi - 1)[None]])
+    small = st.lo + _i32(jnp.minimum(jnp.arange(1, 5, dtype=jnp.uint32), width - 1))
+    later = jnp.where(width <= 5, small, jnp.where(st.stall >= 2, stalled, interp))
+    return jnp.sort(jnp.where(st.it == 0, first, later))
+
+  def body(st: _Search) -> _Search:
+    xs = probes(st)
+    cs = sum(_count_le(key_fn(u), xs) for u in units)
+    xa = jnp.concatenate([st.lo[None], xs, st.hi[None]])  # sorted
+    ca = jnp.concatenate([st.c_lo[None], cs, st.c_hi[None]])
+    up = ca >= k
+    i_hi = jnp.argmax(up)  # first probe reaching k
+    i_lo = xa.shape[0] - 1 - jnp.argmax(~up[::-1])  # last probe below k
+    lo, hi, c_lo, c_hi = xa[i_lo], xa[i_hi], ca[i_lo], ca[i_hi]
+    # the neighbour on the side with the smaller count gap (bracket ends are never neighbours of themselves)
+    below, above = jnp.maximum(i_lo - 1, 0), jnp.minimum(i_hi + 1, xa.shape[0] - 1)
+    has_below, has_above = (i_lo >= 1) & (ca[below] != c_lo), (i_hi <= 4) & (ca[above] != c_hi)
+    use_below = has_below & (~has_above | (c_lo - ca[below] <= ca[above] - c_hi))
+    x_n = jnp.where(use_below, xa[below], xa[above])
+    c_n = jnp.where(use_below | has_above, jnp.where(use_below, ca[below], ca[above]), -1)
+    shrunk = (4 * (c_hi - c_lo) <= st.c_hi - st.c_lo) | (c_hi - c_lo <= 16)  # few entries left: luck, not a stall
+    stall = jnp.where(shrunk | (st.stall >= 2), 0, st.stall + 1)
+    return _Search(lo, hi, c_lo, c_hi, x_n, c_n, stall, st.it + 1)
+
+  def cond(st: _Search):
+    return (_u32(st.hi - st.lo) > 1) & (st.c_hi != k) & (k > 0)
+
+  def maybe(st: _Search) -> _Search:
+    return jax.lax.cond(cond(st), body, lambda s: s, st)
+
+  init = _Search(jnp.int32(_INT_MIN), jnp.int32(_INT_MAX), jnp.int32(0), jnp.int32(total), jnp.int32(0),
+                 jnp.int32(-1), jnp.int32(0), jnp.int32(0))
+  st = body(init)
+  for _ in range(_UNROLLED):  # passes that skip themselves once the search has converged
+    st = maybe(st)
+  # the loop (rarely entered) sits behind a cond: a while loop in the graph can cost a copy of its operands
+  return jax.lax.cond(cond(st), lambda s: jax.lax.while_loop(cond, body, s), lambda s: s, st)
+
+
+def prune_lowest(units: Sequence[jax.Array], k, key_fn=None) -> list[jax.Array]:
+  """Keep-masks pruning exactly the `k` lowest keys over all leaves (ties: leaf order, then row-major).
+
+  Up to `_SORT_MAX` entries in all, the k-th key comes from one sort (cheap to compile, and fast at that size);
+  beyond, from `kth_key`'s counting passes, which never sort or concatenate the model.
+  """
+  key_fn = key_fn or (lambda u: u)
+  k = jnp.asarray(k, jnp.int32)
+  total = sum(int(jax.tree.leaves(u)[0].size) for u in units)
+  if total <= _SORT_MAX:
+    xs = [key_fn(u) for u in units]
+    flat = jnp.concatenate([_replicated(x).reshape(-1) for x in xs])
+    hi = jnp.sort(flat)[jnp.clip(k - 1, 0, total - 1)]
+    masks = _tie_masks(xs, hi, k - jnp.sum(flat < hi, dtype=jnp.int32))
+    return [jnp.where(k > 0, m, True) for m in masks]
+  st = kth_key(units, k, key_fn)
+  hi, r = st.hi, k - st.c_lo  # r: how many entries in (lo, hi] (all equal to hi on a partial tie) to prune
+
+  def exact(_):
+    return [key_fn(u) > hi for u in units]
+
+  def partial_tie(_):
+    return _tie_masks([key_fn(u) for u in units], hi, r)
+
+  masks = jax.lax.cond(st.c_hi == k, exact, partial_tie, None)
+  return [jnp.where(k > 0, m, True) for m in masks]
+
+
+def _tie_masks(xs: Sequence[jax.Array], hi: jax.Array, r: jax.Array) -> list[jax.Array]:
+  """Keep-masks: keys > hi kept, keys < hi pruned, and of the keys == hi the first r (leaf order, then
+  row-major) pruned. Ties are counted per leaf (one pass); a leaf whose ties all fall before / after the r-th
+  keeps (x > hi) / (x >= hi); only the one leaf where the r-th tie falls ranks its ties, inside one row."""
+  counts = [jnp.sum(x == hi, dtype=jnp.int32) for x in xs]
+  out, before = [], jnp.int32(0)
+  for x, c in zip(xs, counts):
+    r_leaf = jnp.clip(r - before, 0, c)
+    out.append(jax.lax.cond((r_leaf > 0) & (r_leaf < c), _straddle, _all_or_no_ties, x, hi, r_leaf))
+    before = before + c
+  return out
+
+
+def _all_or_no_ties(x: jax.Array, hi: jax.Array, r: jax.Array) -> jax.Array:
+  """Keep-mask of a leaf whose ties at hi are all pruned (r > 0) or all kept (r == 0)."""
+  return (x > hi) | ((x == hi) & (r == 0))
+
+
+def _straddle(key: jax.Array, hi: jax.Array, r: jax.Array) -> jax.Array:
+  """Keep-mask of the leaf where the r-th tie falls: keys > hi, and the ties (keys == hi) of row-major rank >= r.
+
+  The flat leaf is viewed as rows; ties are counted per row, and only the row holding the r-th tie is ranked
+  with a cumsum (a flat cumsum over a large leaf costs many passes on CPU).
+  """
+  shape, spec = key.shape, _explicit_spec(key)
+  x = _replicated(key).reshape(-1)
+  n = x.shape[0]
+  cols = _chunk(n, 4096)
+  x2 = x.reshape(n // cols, cols)
+  eq = x2 == hi
+  row_counts = jnp.sum(eq, axis=1, dtype=jnp.int32)
+  ends = jnp.cumsum(row_counts)                     # ties in rows <= i
+  j = jnp.sum(ends <= r, dtype=jnp.int32)           # rows before j: all their ties pruned; j holds the r-th
+  start = ends[j] - row_counts[j]
+  row_eq = jax.lax.dynamic_slice(eq, (j, 0), (1, cols))
+  rank = jnp.cumsum(row_eq, axis=1, dtype=jnp.int32) - 1 + start
+  row_keep = (jax.lax.dynamic_slice(x2, (j, 0), (1, cols)) > hi) | (row_eq & (rank >= r))
+  rows = jnp.arange(n // cols, dtype=jnp.int32)[:, None]
+  keep = (x2 > hi) | (eq & (rows > j))
+  keep = jax.lax.dynamic_update_slice(keep, row_keep, (j, 0)).reshape(shape)
+  if spec is not None:
+    keep = jax.sharding.reshard(keep, jax.typeof(key).sharding)
+  return keep
+
+
+_MICRO = 10 ** 6
+
+
+def _count_k(s, n: int):
+  """How many of n units a sparsity s prunes: round(s·n), ties to even, with s read to 6 decimals
+  (d = round(s·10⁶)) and the product computed exactly in integers, so a Python float (eager) and the float32
+  it becomes under `jit` give the same count (0.3 · 95 → 28 either way; in float32 arithmetic 0.3·95 would
+  round up to 29). A traced s outside [0, 1) is clamped to [0, 0.999999] and NaN counts as 0 (eager values
+  outside [0, 1) raise before this)."""
+  n = int(n)
+  if n >= 2 ** 31 - 1:
+    raise ValueError(f"{n} units exceed the int32 counts top-k uses; prune fewer units per call.")
+  a, b1, b0 = n // _MICRO, (n % _MICRO) // 1000, n % 1000
+  if not _tree.is_traced(s):
+    d = min(max(int(round(float(s) * _MICRO)), 0), _MICRO - 1)
+    q, r = divmod(d * n, _MICRO)
+    return jnp.int32(q + (1 if 2 * r > _MICRO or (2 * r == _MICRO and q % 2) else 0))
+  s = jnp.asarray(s, jnp.float32)
+  d = jnp.round(jnp.where(jnp.isnan(s), 0.0, jnp.clip(s, 0.0, 1.0)) * _MICRO).astype(jnp.int32)
+  d = jnp.minimum(d, _MICRO - 1)
+  # d·n / 10⁶ with n = a·10⁶ + b1·10³ + b0: every partial product stays below 2³¹
+  t1, t0 = d * b1, d * b0
+  q1, r1 = t1 // 1000, t1 % 1000
+  q0, r0 = t0 // _MICRO, t0 % _MICRO
+  frac = r1 * 1000 + r0                                   # < 2·10⁶
+  q = d * a + q1 + q0 + frac // _MICRO
+  r = frac % _MICRO
+  up = (2 * r > _MICRO) | ((2 * r == _MICRO) & (q % 2 == 1))
+  return q + up.astype(jnp.int32)
+
+
+# the names the rest of the package uses
+keys = _keys
+unit_key = _unit_key
+count_k = _count_k
+PRUNED_KEY = _PRUNED_KEY
+SORT_MAX = _SORT_MAX
