@@ -40,6 +40,7 @@ from jprune.schedules import constant as constant
 from jprune.schedules import iterative as iterative
 from jprune.schedules import one_shot as one_shot
 from jprune.schedules import polynomial as polynomial
+from jprune.schedules import thresholds as thresholds
 from jprune.transform import KeepPrunedState as KeepPrunedState
 from jprune.transform import PruneState as PruneState
 from jprune.transform import init_masks as init_masks
@@ -54,7 +55,7 @@ __all__ = [
     "by_path", "channels", "constant", "erk", "fisher", "full_masks", "gradient", "init_masks", "intersect",
     "iterative", "keep_pruned", "magnitude", "mask_and", "mask_or", "masks_of", "movement", "neurons", "nm",
     "one_shot", "polynomial", "pruned", "random", "scores", "select", "sparsity", "summary", "taylor",
-    "threshold", "topk", "uniform", "union", "unstructured",
+    "threshold", "thresholds", "topk", "uniform", "union", "unstructured",
 ]
 from jprune.checkpoint import export_sparse as export_sparse  # noqa: E402
 from jprune.checkpoint import load_sparse as load_sparse  # noqa: E402

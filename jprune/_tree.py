@@ -124,8 +124,11 @@ def check_finite(scores: PyTree, name: str = "scores") -> None:
   for path, s in leaves_with_paths(scores):
     if is_traced(s) or isinstance(s, jax.ShapeDtypeStruct) or not hasattr(s, "dtype"):
       continue
-    if jnp.issubdtype(s.dtype, jnp.floating) and not bool(jnp.all(jnp.isfinite(s))):
+    if not jnp.issubdtype(s.dtype, jnp.floating):
+      continue
+    with jax.ensure_compile_time_eval():   # a concrete array inside a trace (a cond branch's closure) included
       n = int(jnp.sum(~jnp.isfinite(s)))
+    if n:
       raise ValueError(f"{name} at {path!r} contain {n} NaN/inf entries; scores must be finite.")
 
 

@@ -55,12 +55,16 @@ def _common(p: argparse.ArgumentParser, grid: bool = False):
     p.add_argument("--criterion", default="magnitude", help=crit)
     p.add_argument("--sparsity", type=float, default=0.9, help="fraction of the selected weights to prune, in [0, 1)")
   p.add_argument("--schedule", default="polynomial", help="polynomial (gradual, during fine-tuning) | one-shot | "
-                 "iterative")
+                 "iterative" + (" | every (with --threshold: every --every steps of fine-tuning)" if not grid else ""))
   p.add_argument("--scope", default="global", help="global (one exact threshold over all layers) | layer")
   p.add_argument("--granularity", default="unstructured", help="unstructured | N:M (e.g. 2:4) | neurons | blocksHxW")
   p.add_argument("--distribution", default="uniform", help="uniform | erk (per-layer targets; implies layer scope)")
   p.add_argument("--allocation", default=None, help="JSON {regex: sparsity} (from `jprune sensitivity`)")
   if p.prog.endswith(" run"):
+    p.add_argument("--threshold", type=float, default=None, help="prune where the criterion's score < θ instead of "
+                   "a sparsity: once before fine-tuning (--schedule one-shot) or while fine-tuning (--schedule every)")
+    p.add_argument("--every", type=int, default=None, help="with --schedule every: steps between threshold "
+                   "updates (default 100; the last at 70%% of fine-tuning)")
     p.add_argument("--recipe", default=None, help="TOML recipe (see examples/recipe.toml): per-path criterion, "
                    "granularity, target and schedule; replaces --criterion/--sparsity/--schedule/--scope/"
                    "--granularity/--distribution")
@@ -115,7 +119,8 @@ def _config(args):
                    finetune_epochs=args.finetune_epochs, batch_size=args.batch_size, lr=args.lr,
                    finetune_lr=args.finetune_lr, seed=args.seed, out=args.out, distill=args.distill,
                    limit=args.limit, calib_batches=args.calib_batches, progress=not args.no_progress,
-                   save_every=args.save_every, compact=args.compact)
+                   save_every=args.save_every, compact=args.compact, threshold=getattr(args, "threshold", None),
+                   every=getattr(args, "every", None))
 
 
 def _floats(s: str):

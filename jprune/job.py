@@ -27,12 +27,12 @@ import jprune as jp
 from jprune import criteria as _criteria
 from jprune import data as _data
 from jprune import models as _models
-from jprune.granularity import Neurons
+from jprune.granularity import Blocks, Neurons, Unstructured
 from jprune import report as _report
 from jprune import train as _train
 
 CRITERIA = _criteria.NAMES
-SCHEDULES = ("polynomial", "one-shot", "iterative")
+SCHEDULES = ("polynomial", "one-shot", "iterative", "every")   # every: with --threshold, every --every steps
 
 
 @dataclasses.dataclass
@@ -63,6 +63,8 @@ class RunConfig:
   progress: bool = True
   save_every: int = 200
   compact: bool = False
+  threshold: Optional[float] = None   # prune scores below θ (instead of a sparsity): one-shot or every N steps
+  every: Optional[int] = None         # --schedule every: steps between threshold updates (default 100)
 
   def dense_identity(self, data_fingerprint: str) -> dict:
     """Everything that decides the dense model: a checkpoint is reused only when all of it matches."""
@@ -76,6 +78,8 @@ class RunConfig:
     """Everything that decides the pruned model (the dense model's identity included; the allocation by content)."""
     keys = ("criterion", "sparsity", "schedule", "scope", "granularity", "distribution", "finetune_epochs",
             "finetune_lr", "distill", "calib_batches")
+    if self.threshold is not None:   # (absent otherwise, so earlier runs keep their identity)
+      keys += ("threshold", "every")
     ident = {"dense": self.dense_identity(data_fingerprint), "allocation": _allocation_content(self.allocation),
              **{k: getattr(self, k) for k in keys}}
     if self.recipe:   # by content, defaults filled in (not by path)
@@ -86,7 +90,8 @@ class RunConfig:
     return os.path.join(self.out, "dense-" + _digest(self.dense_identity(data_fingerprint)))
 
   def prune_tag(self, data_fingerprint: str = "") -> str:
-    head = "recipe" if self.recipe else f"{self.criterion}-{self.schedule}-{self.sparsity:g}"
+    head = "recipe" if self.recipe else f"{self.criterion}-{self.schedule}-" + (
+        f"th{self.threshold:g}" if self.threshold is not None else f"{self.sparsity:g}")
     return f"{head}-" + _digest(self.prune_identity(data_fingerprint))
 
 
@@ -162,11 +167,35 @@ def validate(cfg: RunConfig) -> None:
     raise ValueError(f"--finetune-epochs 0 with --schedule {cfg.schedule} would prune nothing (that schedule "
                      f"prunes during fine-tuning); use --schedule one-shot to prune without fine-tuning.")
   _allocation_content(cfg.allocation)
+  _check_threshold(cfg)
   if cfg.recipe:
     _recipe_of(cfg)
   _check_out(cfg.out)
   if cfg.compact and not isinstance(jp.masks.parse_granularity(cfg.granularity), Neurons):
     raise ValueError("--compact removes whole neurons/channels: use it with --granularity neurons.")
+
+
+def _check_threshold(cfg: RunConfig) -> None:
+  """--threshold θ: one-shot (prune once, then fine-tune) or --schedule every (every --every steps of fine-tuning)."""
+  if cfg.threshold is None:
+    if cfg.schedule == "every" or cfg.every is not None:
+      raise ValueError("--schedule every / --every N prune by an absolute threshold: give --threshold θ as well.")
+    return
+  if not math.isfinite(cfg.threshold):
+    raise ValueError(f"--threshold must be a finite number, got {cfg.threshold}.")
+  if cfg.schedule not in ("one-shot", "every"):
+    raise ValueError(f"--threshold prunes every score below θ: use --schedule one-shot (once, then fine-tune) or "
+                     f"--schedule every [--every N] (while fine-tuning), not --schedule {cfg.schedule}.")
+  if cfg.every is not None and (cfg.schedule != "every" or cfg.every < 1):
+    raise ValueError(f"--every {cfg.every} needs --schedule every and a value >= 1.")
+  g = jp.masks.parse_granularity(cfg.granularity)
+  if not isinstance(g, (Unstructured, Blocks)):
+    raise ValueError(f"--threshold takes unstructured or blocks granularity, got {g.name}.")
+  given = [f for f, bad in (("--sparsity", cfg.sparsity != 0.9), ("--distribution", cfg.distribution != "uniform"),
+                            ("--allocation", bool(cfg.allocation)), ("--recipe", bool(cfg.recipe)),
+                            ("--compact", cfg.compact)) if bad]
+  if given:
+    raise ValueError(f"--threshold decides what is pruned by the scores alone; drop {', '.join(given)}.")
 
 
 def _check_out(out: str) -> None:
@@ -333,6 +362,16 @@ def prune_and_finetune(cfg: RunConfig, ds, model, dense_state) -> dict:
   groups = gmasks = None
   if cfg.recipe:
     tx = _recipe_of(cfg).pruned(_adam(cfg.finetune_lr, cfg.weight_decay, total))
+  elif cfg.threshold is not None and cfg.schedule == "one-shot":   # prune score < θ once, then fine-tune
+    scores = _calib_scores(cfg, ds, model, params, stats, progress=cfg.progress)
+    masks = jp.threshold(scores, cfg.threshold, where=where, granularity=gran)
+    params = jp.apply(params, masks)
+    tx = optax.chain(_adam(cfg.finetune_lr, cfg.weight_decay, total), jp.keep_pruned(masks))
+  elif cfg.threshold is not None:   # prune score < θ at step 0 and every N steps, up to 70% of fine-tuning
+    schedule = jp.thresholds(cfg.threshold, every=cfg.every or 100, end=max(1, int(0.7 * total)))
+    tx = jp.pruned(_adam(cfg.finetune_lr, cfg.weight_decay, total),
+                   criterion=criterion_of(cfg.criterion, for_training=True), schedule=schedule,
+                   granularity=gran, where=where)
   elif isinstance(gran, Neurons):
     # whole neurons/channels/heads: groups of coupled axes from the jaxpr, so every member (bias, BatchNorm,
     # next layer's input) is masked together and the result can be compacted
@@ -500,6 +539,10 @@ def _what_md(cfg, m) -> str:
   if cfg.recipe:
     return (f"recipe `{cfg.recipe}`:\n\n{_recipe_of(cfg).markdown()}\nreached {m['sparsity']:.2%} over the "
             f"selected leaves")
+  if cfg.threshold is not None:
+    when = "once before fine-tuning" if cfg.schedule == "one-shot" else f"every {cfg.every or 100} steps of fine-tuning"
+    return (f"criterion **{cfg.criterion}**, pruned where the score < **{cfg.threshold:g}** ({when}), granularity "
+            f"**{cfg.granularity}**\n(reached {m['sparsity']:.2%})")
   return (f"criterion **{cfg.criterion}**, schedule **{cfg.schedule}**, scope **{cfg.scope}**, granularity\n"
           f"**{cfg.granularity}**, distribution **{cfg.allocation or cfg.distribution}**, target sparsity "
           f"**{cfg.sparsity:.0%}**\n(reached {m['sparsity']:.2%})")

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Sequence
+import math
+from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import jax.numpy as jnp
 
@@ -12,6 +13,46 @@ from jprune import _tree
 class Schedule(NamedTuple):
   sparsity: Callable  # step -> float32 target sparsity
   is_update: Callable  # step -> bool: recompute masks at this step
+  threshold: Optional[Callable] = None   # step -> float32 score threshold (`thresholds`): prune score < θ instead
+
+
+def _no_target(step):
+  raise ValueError("a threshold schedule (jprune.thresholds) prunes scores below a value; it has no sparsity target.")
+
+
+def thresholds(value: Union[float, Callable], every: Optional[int] = None, begin: int = 0,
+               end: Optional[int] = None) -> Schedule:
+  """Prune every entry (or unit) whose score is below a threshold, at `begin` and every `every` steps up to `end`.
+
+  The absolute-threshold systems: "|w| < 1e-3 is pruned every 100 steps while training" is
+  `pruned(tx, schedule=thresholds(1e-3, every=100))`; "prune where |∂L/∂w| < 0.01 once, then retrain" is
+  `pruned(tx, criterion=gradient(), schedule=thresholds(0.01))` (one update at `begin`), or one-shot outside
+  training `jp.threshold(jp.scores(jp.gradient(), ...), 0.01)` with `keep_pruned`. The reached sparsity is
+  whatever the scores give (read it with `jp.sparsity(jp.masks_of(state), params)`); masks stay monotone unless
+  `pruned(..., regrow=True)`.
+
+  Args:
+    value: θ (a number, >= 0 for the built-in criteria, which score >= 0), or a function `step -> θ` (jnp).
+    every: steps between mask updates; None: once, at `begin`.
+    begin, end: first and last step that updates the masks (end None: no last step).
+  """
+  if not callable(value):
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+      raise ValueError(f"thresholds(value) needs a finite number or a function of the step, got {value!r}.")
+  if every is not None and (not isinstance(every, int) or every < 1):
+    raise ValueError(f"thresholds(every=...) needs an integer >= 1 or None, got {every!r}.")
+  if not isinstance(begin, int) or begin < 0 or (end is not None and end < begin):
+    raise ValueError(f"thresholds needs 0 <= begin <= end, got begin={begin!r}, end={end!r}.")
+  theta = value if callable(value) else (lambda step: jnp.float32(value))
+
+  def is_update(step):
+    step = jnp.asarray(step)
+    if every is None:
+      return step == begin
+    on = (step >= begin) & ((step - begin) % every == 0)
+    return on if end is None else on & (step <= end)
+
+  return Schedule(_no_target, is_update, lambda step: jnp.asarray(theta(step), jnp.float32))
 
 
 def constant(sparsity: float, every: int | None = None) -> Schedule:

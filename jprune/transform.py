@@ -89,7 +89,8 @@ def pruned(tx: optax.GradientTransformation, *, criterion: Optional[_criteria.Cr
     tx: the inner optimizer (any optax transformation, including `MultiSteps` or `inject_hyperparams`).
     criterion: importance criterion (default `magnitude()`); gradient-based criteria are fed the dense
       gradients of every step.
-    schedule: a `Schedule` (e.g. `polynomial(final=0.9, begin=1000, end=10000, every=100)`).
+    schedule: a `Schedule` (e.g. `polynomial(final=0.9, begin=1000, end=10000, every=100)`), or
+      `thresholds(θ, every)`: prune every entry (unit) scoring below θ at each update instead of a count.
     where: selection of prunable leaves (regex, predicate or bool tree); default: leaves named `kernel`.
     scope: "layer" or "global" (exact counts either way).
     granularity: `unstructured()`, `nm(2, 4)`, `neurons()`, `channels()`, `blocks(bh, bw)` or a string.
@@ -136,6 +137,13 @@ def pruned(tx: optax.GradientTransformation, *, criterion: Optional[_criteria.Cr
                        f"(got scope={scope!r}, {g.name}).")
     if not 0.0 <= drop_fraction <= 1.0:
       raise ValueError(f"drop_fraction must be in [0, 1], got {drop_fraction}.")
+  by_threshold = getattr(schedule, "threshold", None) is not None
+  if by_threshold:
+    if dst is not None or distribution is not None or g.fixed_pattern:
+      what = (f"regrow={dst!r}" if dst is not None else "a distribution" if distribution is not None
+              else f"{g.name} granularity")
+      raise ValueError(f"a threshold schedule prunes every score below θ and has no sparsity target; it does not "
+                       f"take {what} (use a sparsity schedule for that).")
   tx = optax.with_extra_args_support(tx)
 
   def init_fn(params):
@@ -143,6 +151,9 @@ def pruned(tx: optax.GradientTransformation, *, criterion: Optional[_criteria.Cr
                       criterion=criterion.init(params), step=jnp.zeros([], jnp.int32))
 
   def new_masks(params, crit, masks, step):
+    if by_threshold:
+      keep = _masks.threshold(criterion.score(crit, params), schedule.threshold(step), where=where, granularity=g)
+      return keep if regrow else jax.tree.map(jnp.logical_and, masks, keep)
     s = schedule.sparsity(step)
     target = s if distribution is None else distribution(params, s, where)
     scores = criterion.score(crit, params)

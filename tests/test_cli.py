@@ -126,7 +126,41 @@ def test_killed_run_resumes_to_the_same_result(idx_dir, tmp_path, capsys):
   assert a["dense"] == b["dense"] and a["pruned"] == b["pruned"]
 
 
+@pytest.mark.parametrize("schedule", ["one-shot", "every"])
+def test_run_by_absolute_threshold(idx_dir, tmp_path, capsys, schedule):
+  """`--threshold θ`: one-shot prunes exactly the dense kernel entries with |w| < θ (counted here in numpy from
+  the dense checkpoint the run trained), then fine-tunes with them held at 0; `--schedule every` prunes them at
+  its first update and more as weights shrink below θ while fine-tuning (never fewer)."""
+  from jprune import job
+  theta = 0.02
+  args = ["run", "--data-dir", str(idx_dir), "--epochs", "1", "--finetune-epochs", "1", "--batch-size", "32",
+          "--limit", "320", "--threshold", str(theta), "--schedule", schedule, "--out", str(tmp_path / "o")]
+  if schedule == "every":
+    args += ["--every", "3"]
+  jprune_here(args, capsys)
+  m = json.loads((tmp_path / "o" / "metrics.json").read_text())
+  cfg = job.RunConfig(data_dir=str(idx_dir), epochs=1, finetune_epochs=1, batch_size=32, limit=320,
+                      out=str(tmp_path / "o"), progress=False)
+  ds = job.load_data(cfg)
+  with jax.numpy_dtype_promotion("standard"):
+    dense, _ = job.train_dense(cfg, ds, job._model_for(cfg, ds))   # the run's own dense checkpoint, reused
+  kept = {r["path"]: r["kept"] for r in m["summary"]["leaves"]}
+  for layer in ("Dense_0", "Dense_1", "Dense_2"):
+    below = int(np.sum(np.abs(np.asarray(dense["params"][layer]["kernel"])) < theta))
+    size = dense["params"][layer]["kernel"].size
+    assert below > 0
+    if schedule == "one-shot":
+      assert kept[f"{layer}/kernel"] == size - below, layer
+    else:
+      assert kept[f"{layer}/kernel"] <= size - below, layer
+  assert "pruned where the score < **0.02**" in (tmp_path / "o" / "report.md").read_text()
+
+
 BAD = [
+    (["run", "--threshold", "0.1"], "use --schedule one-shot"),
+    (["run", "--threshold", "0.1", "--schedule", "one-shot", "--sparsity", "0.5"], "drop --sparsity"),
+    (["run", "--threshold", "0.1", "--schedule", "every", "--granularity", "2:4"], "unstructured or blocks"),
+    (["run", "--schedule", "every"], "give --threshold"),
     (["run", "--criterion", "saliencyx"], "unknown criterion"),
     (["run", "--sparsity", "1.2"], "sparsity must be in [0, 1)"),
     (["run", "--data-dir", "/nonexistent/fmnist"], "apt-get install dataset-fashion-mnist"),
