@@ -7,7 +7,10 @@ The seeds' other methods at 90% on LeNet-300-100 (`--only extra`, results in acc
 activity (mean post-ReLU activity, 90% and 50% of hidden neurons removed and the model compacted, fine-tuned),
 learnable masks with a straight-through estimator, and RigL (ERK, drop/grow every 100 steps), each trained
 from the same dense checkpoint for the fine-tuning budget of the other rows.
-Run: python benchmarks/accuracy.py [--out runs/accuracy] [--only lenet300|lenet5|extra]
+The seeds' absolute-threshold systems (`--only threshold`, results in accuracy_threshold.json): |w| < 1e-3 pruned
+every 100 steps while fine-tuning, one-shot |∂L/∂w| < 0.01 then retrain, and a |w| threshold at the dense 90th
+percentile, from the same dense LeNet-300-100 checkpoint.
+Run: python benchmarks/accuracy.py [--out runs/accuracy] [--only lenet300|lenet5|extra|threshold]
 """
 
 import argparse
@@ -128,6 +131,42 @@ def extra_rows(out):
   print("wrote", path)
 
 
+def threshold_rows(out):
+  """The seeds' absolute-threshold systems on LeNet-300-100 from the same dense checkpoint as the top-k rows:
+  |w| < 1e-3 pruned every 100 steps while fine-tuning, one-shot |∂L/∂w| < 0.01 then retrain, and |w| < θ with θ
+  the dense kernels' 90th percentile of |w| (every 100 steps), to compare with gradual top-k at 90%."""
+  import numpy as np
+  cfg = job.RunConfig(model="lenet300", out=os.path.join(out, "lenet300"), progress=True, **RECIPE)
+  ds = job.load_data(cfg)
+  model = job._model_for(cfg, ds)
+  dense, _ = job.train_dense(cfg, ds, model)
+  d = train.evaluate(model, dense["params"], None, ds.x_test, ds.y_test)
+  kernels = np.concatenate([np.abs(np.asarray(v["kernel"])).ravel() for v in dense["params"].values()])
+  theta90 = float(np.quantile(kernels, 0.9))
+  rows = [{"method": "dense", "threshold": None, "sparsity": 0.0, "top1": d["top1"]}]
+  for label, kw in (("|w| < 1e-3 pruned every 100 steps while fine-tuning (seeds)",
+                     dict(criterion="magnitude", threshold=1e-3, schedule="every", every=100)),
+                    ("one-shot |∂L/∂w| < 0.01, then retrain (seeds)",
+                     dict(criterion="gradient", threshold=0.01, schedule="one-shot")),
+                    (f"|w| < {theta90:.4f} (dense 90th percentile) pruned every 100 steps while fine-tuning",
+                     dict(criterion="magnitude", threshold=theta90, schedule="every", every=100))):
+    t = time.time()
+    r = job.prune_and_finetune(dataclasses.replace(cfg, **kw), ds, model, dense)
+    e = train.evaluate(model, r["state"]["params"], None, ds.x_test, ds.y_test)
+    rows.append({"method": label, "threshold": kw["threshold"], "criterion": kw["criterion"],
+                 "sparsity": float(jp.sparsity(r["masks"], r["state"]["params"])), "top1": e["top1"],
+                 "seconds": time.time() - t})
+    print(label, f"{rows[-1]['sparsity']:.1%} pruned, {100 * e['top1']:.2f}%", flush=True)
+  for r in rows:
+    r["drop_points"] = 100 * (d["top1"] - r["top1"])
+  table = "| method | weights removed | top-1 | drop (points) |\n|---|---:|---:|---:|\n"
+  table += "".join(f"| {r['method']} | {r['sparsity']:.1%} | {100 * r['top1']:.2f}% | {r['drop_points']:+.2f} |\n"
+                   for r in rows)
+  path = _common.write("accuracy_threshold", {"recipe": RECIPE, "rows": rows, "table": table})
+  print(table)
+  print("wrote", path)
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--out", default="runs/accuracy")
@@ -135,6 +174,8 @@ def main():
   args = ap.parse_args()
   if args.only == "extra":
     return extra_rows(args.out)
+  if args.only == "threshold":
+    return threshold_rows(args.out)
   results = []
   for model_name in args.only.split(","):
     cfg = job.RunConfig(model=model_name, out=os.path.join(args.out, model_name), progress=True, **RECIPE)

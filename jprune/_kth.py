@@ -13,7 +13,7 @@ Public to the package (masks, transform, structured, llm): `prune_lowest`, `kth_
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -80,7 +80,8 @@ def _count_le(key: jax.Array, xs: jax.Array) -> jax.Array:
     return jnp.stack([jnp.sum(key <= xs[j], dtype=jnp.int32) for j in range(t)])
   out = []
   for w in range(0, t, 4):
-    lanes = sum((key <= xs[j]).astype(jnp.uint32) << (8 * (j - w)) for j in range(w, min(t, w + 4)))
+    lanes = sum(((key <= xs[j]).astype(jnp.uint32) << (8 * (j - w)) for j in range(w, min(t, w + 4))),
+                jnp.zeros((), jnp.uint32))
     part = jnp.sum(lanes.reshape(*key.shape[:-1], d // c, c), axis=-1, dtype=jnp.uint32)
     out += [jnp.sum(((part >> (8 * (j - w))) & 255).astype(jnp.int32)) for j in range(w, min(t, w + 4))]
   return jnp.stack(out)
@@ -238,7 +239,7 @@ def kth_key(units: Sequence[jax.Array], k, key_fn=None) -> _Search:
   return jax.lax.cond(cond(st), lambda s: jax.lax.while_loop(cond, body, s), lambda s: s, st)
 
 
-def prune_lowest(units: Sequence[jax.Array], k, key_fn=None) -> list[jax.Array]:
+def prune_lowest(units: Sequence[Any], k, key_fn=None) -> list[jax.Array]:
   """Keep-masks pruning exactly the `k` lowest keys over all leaves (ties: leaf order, then row-major).
 
   Up to `_SORT_MAX` entries in all, the k-th key comes from one sort (cheap to compile, and fast at that size);
@@ -325,9 +326,9 @@ def _count_k(s, n: int):
     raise ValueError(f"{n} units exceed the int32 counts top-k uses; prune fewer units per call.")
   a, b1, b0 = n // _MICRO, (n % _MICRO) // 1000, n % 1000
   if not _tree.is_traced(s):
-    d = min(max(int(round(float(s) * _MICRO)), 0), _MICRO - 1)
-    q, r = divmod(d * n, _MICRO)
-    return jnp.int32(q + (1 if 2 * r > _MICRO or (2 * r == _MICRO and q % 2) else 0))
+    di = min(max(int(round(float(s) * _MICRO)), 0), _MICRO - 1)
+    qi, ri = divmod(di * n, _MICRO)
+    return jnp.int32(qi + (1 if 2 * ri > _MICRO or (2 * ri == _MICRO and qi % 2) else 0))
   s = jnp.asarray(s, jnp.float32)
   d = jnp.round(jnp.where(jnp.isnan(s), 0.0, jnp.clip(s, 0.0, 1.0)) * _MICRO).astype(jnp.int32)
   d = jnp.minimum(d, _MICRO - 1)

@@ -1,13 +1,12 @@
 """Progress bars (tqdm) with an ETA: redrawn in place on a terminal, one plain line every 30 s in a log file.
 
-`JPRUNE_NO_PROGRESS=1` (or `disable=True`) turns them off.
+`JPRUNE_NO_PROGRESS=1` (or `disable=True`) turns them off. tqdm is the `progress` extra: without it the
+library's own loops (`jprune.scores`, the LLM pruning passes) run without a bar.
 """
 
 import os
 import sys
 import time
-
-from tqdm.auto import tqdm
 
 LOG_INTERVAL_S = 30.0
 
@@ -39,6 +38,12 @@ def _is_terminal(stream) -> bool:
 
 
 def progress_bar(iterable=None, **kwargs):
+  try:
+    from tqdm.auto import tqdm
+  except ImportError:   # the core library without the `progress` extra: no bar, the iterable as it is
+    if iterable is None:
+      raise
+    return iterable
   kwargs.setdefault("dynamic_ncols", True)
   kwargs.setdefault("leave", False)
   if os.environ.get("JPRUNE_NO_PROGRESS"):

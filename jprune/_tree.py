@@ -91,7 +91,7 @@ def check_same_structure(a: PyTree, b: PyTree, a_name: str = "params", b_name: s
   """Raises ValueError naming the first path where two trees differ in structure."""
   ta = jax.tree.structure(a, is_leaf=is_leaf)
   tb = jax.tree.structure(b, is_leaf=is_leaf)
-  if ta == tb:
+  if ta == tb:  # type: ignore[operator]
     return
   pa, pb = paths(a), paths(b)
   for x, y in zip(pa, pb):

@@ -28,7 +28,7 @@ REDUCTIONS = ("mean_abs", "mean_relu", "rms", "apoz")
 
 class LayerStats(NamedTuple):
   """Sums over every activation a layer produced (batch and spatial positions), per output unit / input feature."""
-  count: jax.Array     # float32 scalar: activations per unit seen
+  count: jax.Array     # type: ignore[assignment]  # float32 scalar: activations per unit seen
   abs_sum: jax.Array   # (out,) Σ|a|
   sq_sum: jax.Array    # (out,) Σa²
   pos_sum: jax.Array   # (out,) Σmax(a, 0)  (the post-ReLU activity)

@@ -112,7 +112,7 @@ def layer_sensitivity(params: PyTree, scores: PyTree, evaluate: Evaluate,
   baseline = _metric(evaluate(given), metric, "evaluate")
   layers = [i for i, f in enumerate(flags) if f]
   from jprune._progress import progress_bar
-  out = {}
+  out: dict = {}
   for i in progress_bar(layers, desc="sensitivity", unit="layer", disable=not progress):
     path, leaf = items[i]
     out[path] = []

@@ -23,7 +23,7 @@ class Criterion(NamedTuple):
 
 
 class AccumulatorState(NamedTuple):
-  count: jax.Array  # int32 number of updates seen
+  count: jax.Array  # type: ignore[assignment]  # int32 number of updates seen (shadows tuple.count)
   acc: PyTree       # float32 tree with the params' structure
 
 

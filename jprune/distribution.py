@@ -40,7 +40,7 @@ def uniform(sparsity: Optional[float] = None):
     t = _target(sparsity, s)
     return _fill(params, flags, [t] * len(flags))
 
-  dist.sparsity = sparsity   # a fixed target: `pruned` refuses it (its schedule gives the target)
+  dist.sparsity = sparsity  # type: ignore[attr-defined]  # a fixed target: `pruned` refuses it (its schedule gives the target)
   return dist
 
 
@@ -69,7 +69,7 @@ def erk(sparsity: Optional[float] = None, scale: float = 1.0):
     it = iter(per)
     return _fill(params, flags, [next(it) if f else None for f in flags])
 
-  dist.sparsity = sparsity
+  dist.sparsity = sparsity  # type: ignore[attr-defined]
   return dist
 
 

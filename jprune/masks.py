@@ -138,7 +138,7 @@ class UnmaskedUnitsWarning(UserWarning):
   """Neurons/channels masks leave the unselected leaves that belong to the same units (biases, norms) unmasked."""
 
 
-def _warn_unmasked_unit_leaves(items, flags, g: Granularity) -> None:
+def _warn_unmasked_unit_leaves(items, flags, g: Neurons) -> None:
   """Warns when neuron/channel masks leave 1-D leaves of the pruned units' size unmasked (a bias or a BatchNorm
   scale and bias next to a kernel): a pruned unit then still emits its bias or BatchNorm shift, so it is not
   removed from the function, and the model cannot be compacted to the masked one."""

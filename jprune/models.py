@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -172,7 +172,7 @@ class TransformerBlock(nn.Module):
     return x + nn.Dense(dim, name="mlp_out")(nn.gelu(nn.Dense(self.mlp, name="mlp_in")(h)))
 
 
-def resize(model: nn.Module, params) -> nn.Module:
+def resize(model: nn.Module, params) -> Any:
   """A model that runs on (compacted) `params`: jprune's reference models are rebuilt with those widths; any other
   linen model comes back wrapped by `jprune.resize.resized` (its layers take the widths of their params)."""
   def width(path, axis=-1):

@@ -35,6 +35,7 @@ import jax
 import optax
 
 from jprune import _tree
+from jprune.granularity import NM
 from jprune import criteria as _criteria
 from jprune import distribution as _distribution
 from jprune import masks as _masks
@@ -45,7 +46,7 @@ from jprune import transform as _transform
 try:
   import tomllib as _toml
 except ModuleNotFoundError:   # Python 3.10
-  import tomli as _toml
+  import tomli as _toml  # type: ignore[no-redef]
 
 CRITERIA = _criteria.NAMES
 _WITH_EMA = _criteria.WITH_EMA
@@ -114,7 +115,7 @@ class Recipe:
   def check(self, params) -> None:
     """Raises RecipeError if an entry selects no leaf of `params`, a leaf is selected twice, or a granularity
     does not fit a selected leaf."""
-    owner = {}
+    owner: dict = {}
     for i, e in enumerate(self.entries):
       try:
         flags = jax.tree.leaves(_select.resolve(e.where, params))
@@ -188,7 +189,7 @@ def _entry(raw: dict, defaults: dict, label: str) -> Entry:
   if bad:
     raise _err(label, f"schedule {kind} takes {sorted(_SCHEDULE_KEYS[kind] - {'kind'})}, not {sorted(bad)}.")
   target = e.get("target")
-  if g.fixed_pattern:
+  if isinstance(g, NM):
     implied = (g.m - g.n) / g.m
     if target is not None and abs(float(target) - implied) > 1e-9:
       raise _err(label, f"granularity {gran} prunes {implied:g} of every group of {g.m}; target {target} "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +29,7 @@ class Summary(NamedTuple):
   sparsity is the one a pruning target refers to; `total` also counts biases, norms and other unpruned leaves)."""
   rows: list
   total: Row
-  masked: Row = None
+  masked: Optional[Row] = None
 
   def _totals(self) -> list:
     return ([self.masked] if self.masked is not None else []) + [self.total]

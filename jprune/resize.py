@@ -33,7 +33,7 @@ def _updates(module: nn.Module) -> dict:
     if q is None or out is None:
       return {}
     heads, head_dim = int(q.shape[-2]), int(q.shape[-1])
-    want = {"num_heads": heads, "qkv_features": heads * head_dim, "out_features": int(out.shape[-1])}
+    want: dict = {"num_heads": heads, "qkv_features": heads * head_dim, "out_features": int(out.shape[-1])}
   elif isinstance(module, nn.Embed):
     e = _param(module, "embedding")
     if e is None:
@@ -102,7 +102,7 @@ def resized(model: nn.Module) -> Resized:
 def widths(params: PyTree) -> dict:
   """The width of every layer, keyed by the layer that owns it: `{"Conv_0": 24, "Dense_1": 50, ...}` (a kernel's
   last axis; an attention's `{"heads": h, "head_dim": d}` from its query kernel)."""
-  out = {}
+  out: dict[str, Any] = {}
   for path, x in _tree.leaves_with_paths(_tree.pure(params)):
     layer, _, name = path.rpartition("/")
     if name == "kernel" and getattr(x, "ndim", 0) >= 2:

@@ -26,7 +26,7 @@ from jprune import _kth, _tree
 try:  # public home of jaxpr classes
   from jax.extend.core import Literal
 except ImportError:  # older JAX
-  from jax.core import Literal
+  from jax.core import Literal  # type: ignore[attr-defined,no-redef]
 
 PyTree = Any
 
@@ -155,9 +155,7 @@ class _Tracer:
       if isinstance(v, Literal):
         continue
       for ax in range(len(_shape(v))):
-        n = self.node(v, ax)
-        if n is not None:
-          self.uf.block(n, reason)
+        self.block_axis(v, ax, reason)
 
   # ------------------------------------------------------------------------------------------- rules
   def jaxpr(self, jaxpr, where="model"):
@@ -165,117 +163,133 @@ class _Tracer:
       self.eqn(eqn, f"{where}/{eqn.primitive.name}#{i}")
 
   def eqn(self, eqn, where):
+    """Couples (or blocks) the axes of one equation by its primitive's rule in `_RULES` (as JAX's own
+    interpreters dispatch); call-like primitives recurse into their jaxpr; anything unknown blocks every axis."""
     name = eqn.primitive.name
-    ins, outs, p = eqn.invars, eqn.outvars, eqn.params
-    if name in ELEMENTWISE:
-      out = outs[0]
-      for v in ins:
-        if isinstance(v, Literal) or len(_shape(v)) != len(_shape(out)):
-          continue
-        for d, (a, b) in enumerate(zip(_shape(v), _shape(out))):
-          if a == b:
-            self.link(out, d, v, d)
-    elif name == "broadcast_in_dim":
-      for i, d in enumerate(p["broadcast_dimensions"]):
-        if _shape(ins[0])[i] == _shape(outs[0])[d]:
-          self.link(outs[0], d, ins[0], i)
-    elif name == "transpose":
-      for i, src in enumerate(p["permutation"]):
-        self.link(outs[0], i, ins[0], src)
-    elif name in REDUCTIONS:
-      axes = set(p.get("axes", ()))
-      for d in axes:  # a sum/max over units sees every unit: removing some changes it (LayerNorm, softmax)
-        n = self.node(ins[0], d)
-        if n is not None:
-          self.uf.block(n, f"{name} over the axis at {where}")
-      kept = [d for d in range(len(_shape(ins[0]))) if d not in axes]
-      for o, d in enumerate(kept):
-        if o < len(_shape(outs[0])):
-          self.link(outs[0], o, ins[0], d)
-    elif name == "squeeze":
-      dims = set(d % len(_shape(ins[0])) for d in p["dimensions"])
-      kept = [d for d in range(len(_shape(ins[0]))) if d not in dims]
-      for o, d in enumerate(kept):
-        self.link(outs[0], o, ins[0], d)
-    elif name == "expand_dims":
-      self.block_all(ins + outs, f"{name} at {where}")
-    elif name == "reshape":
-      self.reshape(ins[0], outs[0], where)
-    elif name == "dot_general":
-      self.dot_general(eqn)
-    elif name == "conv_general_dilated":
-      self.conv(eqn, where)
-    elif name in ("reduce_window_max", "reduce_window_sum", "reduce_window_min", "reduce_window"):
-      win = p["window_dimensions"]
-      for d, w in enumerate(win):
-        if w == 1 and _shape(ins[0])[d] == _shape(outs[0])[d]:
-          self.link(outs[0], d, ins[0], d)
-        else:
-          for v in (ins[0], outs[0]):
-            n = self.node(v, d)
-            if n is not None:
-              self.uf.block(n, f"{name} window at {where}")
-    elif name in ("slice", "dynamic_slice", "pad", "rev", "cumsum", "cumprod", "cummax", "cummin", "sort"):
-      src, out = ins[0], outs[0]
-      changed = set(range(len(_shape(src))))
-      if name in ("slice", "dynamic_slice", "pad"):
-        changed = {d for d, (a, b) in enumerate(zip(_shape(src), _shape(out))) if a != b}
-      elif name == "rev":
-        changed = set(p["dimensions"])
-      elif name in ("cumsum", "cumprod", "cummax", "cummin"):
-        changed = {p["axis"]}
-      elif name == "sort":
-        changed = {p["dimension"]}
-      for d in range(len(_shape(src))):
-        if d in changed:
-          for v in (src, out):
-            n = self.node(v, d)
-            if n is not None:
-              self.uf.block(n, f"{name} at {where}")
-        else:
-          self.link(out, d, src, d)
-      for o in outs[1:]:
-        self.block_all([o], f"{name} at {where}")
-    elif name == "concatenate":
-      dim = p["dimension"]
-      for v in ins:
-        for d in range(len(_shape(v))):
-          if d == dim:
-            n = self.node(v, d)
-            if n is not None:
-              self.uf.block(n, f"concatenate at {where}")
-          else:
-            self.link(outs[0], d, v, d)
-      n = self.node(outs[0], dim)
-      if n is not None:
-        self.uf.block(n, f"concatenate at {where}")
-    elif name in CALLS or any(k in p for k in ("jaxpr", "call_jaxpr", "fun_jaxpr")):
-      sub = p.get("jaxpr") or p.get("call_jaxpr") or p.get("fun_jaxpr")
-      closed = getattr(sub, "jaxpr", sub)
-      if closed is None or not hasattr(closed, "eqns"):
-        self.block_all(ins + outs, f"{name} at {where}")
-        return
-      outer_ctx = self.ctx
-      self.n_ctx += 1
-      inner_ctx = self.n_ctx
-      for a, b in zip(ins, closed.invars):
-        for d in range(len(_shape(b))):
-          na, nb = self.node(a, d, outer_ctx), self.node(b, d, inner_ctx)
-          if na is not None and nb is not None:
-            self.uf.union(na, nb)
-      self.ctx = inner_ctx
-      self.jaxpr(closed, where)
-      self.ctx = outer_ctx
-      for a, b in zip(outs, closed.outvars):
-        for d in range(len(_shape(a))):
-          na, nb = self.node(a, d, outer_ctx), self.node(b, d, inner_ctx)
-          if na is not None and nb is not None:
-            self.uf.union(na, nb)
-    elif name in ("iota", "rng_bit_generator", "random_bits", "random_seed", "random_wrap", "random_unwrap",
-                  "threefry2x32"):
-      pass
+    rule = _RULES.get(name)
+    if rule is None and (name in CALLS or any(k in eqn.params for k in ("jaxpr", "call_jaxpr", "fun_jaxpr"))):
+      rule = _Tracer.call
+    if rule is None:
+      self.block_all(list(eqn.invars) + list(eqn.outvars), f"{name} at {where}")
     else:
-      self.block_all(list(ins) + list(outs), f"{name} at {where}")
+      rule(self, eqn, where)
+
+  def block_axis(self, v, d, reason):
+    """Marks axis `d` of `v` as not prunable (no node: a literal or a size-1 axis, nothing to block)."""
+    n = self.node(v, d)
+    if n is not None:
+      self.uf.block(n, reason)
+
+  def elementwise(self, eqn, where):
+    out = eqn.outvars[0]
+    for v in eqn.invars:
+      if isinstance(v, Literal) or len(_shape(v)) != len(_shape(out)):
+        continue
+      for d, (a, b) in enumerate(zip(_shape(v), _shape(out))):
+        if a == b:
+          self.link(out, d, v, d)
+
+  def broadcast_in_dim(self, eqn, where):
+    src, out = eqn.invars[0], eqn.outvars[0]
+    for i, d in enumerate(eqn.params["broadcast_dimensions"]):
+      if _shape(src)[i] == _shape(out)[d]:
+        self.link(out, d, src, i)
+
+  def transpose(self, eqn, where):
+    for i, src in enumerate(eqn.params["permutation"]):
+      self.link(eqn.outvars[0], i, eqn.invars[0], src)
+
+  def reduction(self, eqn, where):
+    src, out, name = eqn.invars[0], eqn.outvars[0], eqn.primitive.name
+    axes = set(eqn.params.get("axes", ()))
+    for d in axes:  # a sum/max over units sees every unit: removing some changes it (LayerNorm, softmax)
+      self.block_axis(src, d, f"{name} over the axis at {where}")
+    kept = [d for d in range(len(_shape(src))) if d not in axes]
+    for o, d in enumerate(kept):
+      if o < len(_shape(out)):
+        self.link(out, o, src, d)
+
+  def squeeze(self, eqn, where):
+    src = eqn.invars[0]
+    dims = {d % len(_shape(src)) for d in eqn.params["dimensions"]}
+    for o, d in enumerate(d for d in range(len(_shape(src))) if d not in dims):
+      self.link(eqn.outvars[0], o, src, d)
+
+  def reshape_eqn(self, eqn, where):
+    self.reshape(eqn.invars[0], eqn.outvars[0], where)
+
+  def dot_general_eqn(self, eqn, where):
+    self.dot_general(eqn)
+
+  def reduce_window(self, eqn, where):
+    src, out, name = eqn.invars[0], eqn.outvars[0], eqn.primitive.name
+    for d, w in enumerate(eqn.params["window_dimensions"]):
+      if w == 1 and _shape(src)[d] == _shape(out)[d]:
+        self.link(out, d, src, d)
+      else:
+        for v in (src, out):
+          self.block_axis(v, d, f"{name} window at {where}")
+
+  def along_axes(self, eqn, where):
+    """slice, pad, rev, cumulative ops, sort: the axes they change are blocked, the others pass through."""
+    src, out, name, p = eqn.invars[0], eqn.outvars[0], eqn.primitive.name, eqn.params
+    if name in ("slice", "dynamic_slice", "pad"):
+      changed = {d for d, (a, b) in enumerate(zip(_shape(src), _shape(out))) if a != b}
+    elif name == "rev":
+      changed = set(p["dimensions"])
+    elif name == "sort":
+      changed = {p["dimension"]}
+    else:   # cumsum, cumprod, cummax, cummin
+      changed = {p["axis"]}
+    for d in range(len(_shape(src))):
+      if d in changed:
+        for v in (src, out):
+          self.block_axis(v, d, f"{name} at {where}")
+      else:
+        self.link(out, d, src, d)
+    for o in eqn.outvars[1:]:
+      self.block_all([o], f"{name} at {where}")
+
+  def concatenate(self, eqn, where):
+    dim, out = eqn.params["dimension"], eqn.outvars[0]
+    for v in eqn.invars:
+      for d in range(len(_shape(v))):
+        if d == dim:
+          self.block_axis(v, d, f"concatenate at {where}")
+        else:
+          self.link(out, d, v, d)
+    self.block_axis(out, dim, f"concatenate at {where}")
+
+  def call(self, eqn, where):
+    """A sub-jaxpr (jit, remat, custom_jvp/vjp, ...): its own namespace, joined at its inputs and outputs."""
+    ins, outs, p = eqn.invars, eqn.outvars, eqn.params
+    sub = p.get("jaxpr") or p.get("call_jaxpr") or p.get("fun_jaxpr")
+    closed = getattr(sub, "jaxpr", sub)
+    if closed is None or not hasattr(closed, "eqns"):
+      self.block_all(list(ins) + list(outs), f"{eqn.primitive.name} at {where}")
+      return
+    outer_ctx = self.ctx
+    self.n_ctx += 1
+    inner_ctx = self.n_ctx
+    for a, b in zip(ins, closed.invars):
+      for d in range(len(_shape(b))):
+        na, nb = self.node(a, d, outer_ctx), self.node(b, d, inner_ctx)
+        if na is not None and nb is not None:
+          self.uf.union(na, nb)
+    self.ctx = inner_ctx
+    self.jaxpr(closed, where)
+    self.ctx = outer_ctx
+    for a, b in zip(outs, closed.outvars):
+      for d in range(len(_shape(a))):
+        na, nb = self.node(a, d, outer_ctx), self.node(b, d, inner_ctx)
+        if na is not None and nb is not None:
+          self.uf.union(na, nb)
+
+  def nothing(self, eqn, where):
+    """Primitives that create values from no parameter (iota, random bits): no axis to couple."""
+
+  def blocks_everything(self, eqn, where):
+    self.block_all(list(eqn.invars) + list(eqn.outvars), f"{eqn.primitive.name} at {where}")
 
   def reshape(self, src, out, where):
     a, b = _shape(src), _shape(out)
@@ -301,9 +315,7 @@ class _Tracer:
       else:
         for v, rng in ((src, range(i, i2)), (out, range(j, j2))):
           for d in rng:
-            n = self.node(v, d)
-            if n is not None:
-              self.uf.block(n, f"reshape at {where}")
+            self.block_axis(v, d, f"reshape at {where}")
         i, j = i2, j2
         continue
       # The merged axis is a product of the parts; a node holds one coupling, so it is coupled to one part: the
@@ -318,9 +330,8 @@ class _Tracer:
           break
       else:  # every part is blocked: so is the merged axis
         reasons = [self.uf.blocked[self.uf.find(self.node(pv, d))[0]] for d in parts if self.node(pv, d) is not None]
-        n = self.node(*mv)
-        if n is not None and reasons:
-          self.uf.block(n, reasons[0])
+        if reasons:
+          self.block_axis(*mv, reasons[0])
       i, j = i2, j2
 
   def dot_general(self, eqn):
@@ -331,9 +342,7 @@ class _Tracer:
       self.link(lhs, a, rhs, b)
       if lb:  # activation x activation (attention q·k): removing entries would change a shape-derived scale
         for v, d in ((lhs, a), (rhs, b)):
-          n = self.node(v, d)
-          if n is not None:
-            self.uf.block(n, "contraction of a batched dot_general (attention scores)")
+          self.block_axis(v, d, "contraction of a batched dot_general (attention scores)")
     for k, (a, b) in enumerate(zip(lb, rb)):
       self.link(out, k, lhs, a)
       self.link(out, k, rhs, b)
@@ -362,10 +371,29 @@ class _Tracer:
       self.link(out, os_[1], lhs, ls[1])
     else:
       for v, d in ((lhs, ls[1]), (rhs, rs[0]), (rhs, rs[1]), (out, os_[1])):
-        n = self.node(v, d)
-        if n is not None:
-          self.uf.block(n, f"grouped conv at {where}")
+        self.block_axis(v, d, f"grouped conv at {where}")
     # spatial axes are left uncoupled: they are never parameter axes of Dense/Conv kernels
+
+
+_RULES = {
+    **{name: _Tracer.elementwise for name in ELEMENTWISE},
+    **{name: _Tracer.reduction for name in REDUCTIONS},
+    **{name: _Tracer.reduce_window for name in ("reduce_window_max", "reduce_window_sum", "reduce_window_min",
+                                                  "reduce_window")},
+    **{name: _Tracer.along_axes for name in ("slice", "dynamic_slice", "pad", "rev", "cumsum", "cumprod",
+                                               "cummax", "cummin", "sort")},
+    **{name: _Tracer.nothing for name in ("iota", "rng_bit_generator", "random_bits", "random_seed",
+                                            "random_wrap", "random_unwrap", "threefry2x32")},
+    "broadcast_in_dim": _Tracer.broadcast_in_dim,
+    "transpose": _Tracer.transpose,
+    "squeeze": _Tracer.squeeze,
+    "expand_dims": _Tracer.blocks_everything,
+    "reshape": _Tracer.reshape_eqn,
+    "dot_general": _Tracer.dot_general_eqn,
+    "conv_general_dilated": _Tracer.conv,
+    "concatenate": _Tracer.concatenate,
+}
+"""The tracer's rule for each primitive (call-like primitives: `_Tracer.call`; any other: every axis blocked)."""
 
 
 def groups(apply_fn, params: PyTree, *example_args, include_unprunable: bool = True) -> list[Group]:

@@ -13,4 +13,7 @@ for a in "$@"; do
   if [ "$a" = "--all" ]; then args+=(-m ""); else args+=("$a"); fi
 done
 set -- "${args[@]+"${args[@]}"}"
+# the library and the application lint- and type-clean (rules and settings in pyproject.toml)
+.venv/bin/ruff check jprune tests benchmarks examples --output-format concise
+.venv/bin/mypy
 exec .venv/bin/python -m pytest -n "$workers" --dist worksteal --doctest-modules --durations=30 jprune tests "$@"

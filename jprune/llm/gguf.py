@@ -189,7 +189,7 @@ def config_from_gguf(meta: dict, shapes: dict, path: str) -> LlamaConfig:
                      norm_eps=float(meta.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)), tie_embeddings=tied,
                      max_seq_len=int(meta.get(f"{arch}.context_length", 2048)))
   cfg = base.with_widths(ffn, heads, kv)
-  if cfg.head_dim * cfg.n_heads == dim and arch == "llama":
+  if cfg.head_dim is not None and cfg.head_dim * cfg.n_heads == dim and arch == "llama":
     cfg = _replace(cfg, head_dim=None)
   for i in range(n_layers):
     b = f"blk.{i}."

@@ -99,7 +99,7 @@ def _llamacpp_speed(paths: dict, prompt_ids, *, rounds: int = 3, gen: int = 32, 
   """llama.cpp tokens/s for prompt processing (one batch of len(prompt_ids)) and generation, for every model,
   measured in alternation (round-robin `rounds` times, medians) so a drifting machine hits all alike."""
   from jprune.llm import llamacpp
-  got = {name: {"pp": [], "tg": []} for name in paths}
+  got: dict = {name: {"pp": [], "tg": []} for name in paths}
   for _ in range(rounds):
     for name, path in paths.items():
       b = llamacpp.run(path, bench={"prompt": prompt_ids, "gen": gen, "repeats": 2})["bench"]
@@ -134,7 +134,7 @@ def run_structured(out: str, *, criteria=("activation",), sparsities=(0.2,), kin
   cal, evals = split_text_tokens(ids, calib, calib_len, eval_windows, eval_len)
   train = train_windows(ids, distill_len) if (distill_steps or distill_minutes) else None
   dense_ppl = perplexity(cfg, params, evals, seq_len=eval_len, progress=progress)
-  metrics = {"model": gguf or smollm2_path(), "config": dataclasses.asdict(cfg), "params": width.n_params(params),
+  metrics: dict = {"model": gguf or smollm2_path(), "config": dataclasses.asdict(cfg), "params": width.n_params(params),
              "block_params": sum(cfg.block_params(i) for i in range(cfg.n_layers)),
              "macs_per_token": cfg.macs_per_token(), "dense_perplexity": dense_ppl,
              "calibration": list(cal.shape), "eval": list(evals.shape), "cells": []}

@@ -52,18 +52,18 @@ def install(folder: Optional[str] = None, *, quiet: bool = True) -> Path:
   npm = shutil.which("npm")
   if npm is None or shutil.which("node") is None:
     raise LlamaCppError("node and npm are needed to run llama.cpp (node-llama-cpp): install Node.js >= 20.")
-  folder = Path(folder) if folder else Path.home() / ".cache" / "jprune" / "llamacpp"
-  folder.mkdir(parents=True, exist_ok=True)
+  where = Path(folder) if folder else Path.home() / ".cache" / "jprune" / "llamacpp"
+  where.mkdir(parents=True, exist_ok=True)
   pkgs = [f"node-llama-cpp@{VERSION}"]
   flags = ["--no-audit", "--no-fund"]
   if platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64"):
     pkgs.append(f"@node-llama-cpp/linux-x64@{VERSION}")   # the CPU build only, not the CUDA/Vulkan ones
     flags.append("--omit=optional")
-  cmd = [npm, "install", "--prefix", str(folder), *flags, *pkgs]
+  cmd = [npm, "install", "--prefix", str(where), *flags, *pkgs]
   res = subprocess.run(cmd, capture_output=quiet, text=True)
   if res.returncode != 0:
     raise LlamaCppError(f"`{' '.join(cmd)}` failed: {(res.stderr or '')[-500:]}")
-  return folder
+  return where
 
 
 def run(model_path: str, *, windows=None, prompts: Optional[Sequence[Sequence[int]]] = None, new_tokens: int = 8,

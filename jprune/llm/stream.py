@@ -32,7 +32,7 @@ from jprune.models import LlamaConfig
 def _skeleton(cfg: LlamaConfig) -> dict:
   """The params tree of `models.Llama(cfg)` as `jax.ShapeDtypeStruct`s (paths and shapes, no data)."""
   s = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
-  tree = {"embed": {"embedding": s(cfg.vocab_size, cfg.dim)}, "norm": {"scale": s(cfg.dim)}}
+  tree: dict = {"embed": {"embedding": s(cfg.vocab_size, cfg.dim)}, "norm": {"scale": s(cfg.dim)}}
   if not cfg.tie_embeddings:
     tree["lm_head"] = {"kernel": s(cfg.dim, cfg.vocab_size)}
   for i in range(cfg.n_layers):

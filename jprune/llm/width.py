@@ -200,7 +200,7 @@ def unit_scores(model, params: PyTree, calibration_tokens=None, criterion: str =
       mlp = np.sqrt((wg ** 2).sum(0) + (wu ** 2).sum(0) + (wd ** 2).sum(1))
       heads = np.sqrt((wq ** 2).sum(0).reshape(h, dh).sum(1) + (wo ** 2).sum(1).reshape(h, dh).sum(1))
     else:
-      st = stats[name]
+      st = stats[name]  # type: ignore[index]  # given or computed for these criteria
       n = st["count"]
       if criterion == "activation":
         mlp, heads = st["mlp_abs"] / n, st["head_norm"] / n
@@ -588,7 +588,8 @@ def prune_width(model, params: PyTree, calibration_tokens, *, sparsity: Optional
     stats = activation_stats(cfg, params, calib, batch_size=batch_size, progress=progress)
   removed = []
   if blocks:
-    removed = sorted(np.argsort(block_influence(stats), kind="stable")[:blocks].tolist())
+    influence = block_influence(stats)  # type: ignore[arg-type]  # computed above when blocks > 0
+    removed = sorted(np.argsort(influence, kind="stable")[:blocks].tolist())
   if scores is None:
     scores = unit_scores(cfg, params, calib, criterion, batch_size=batch_size, stats=stats, progress=progress)
   units = choose_units(cfg, scores, sparsity=sparsity, mlp=mlp, heads=heads, kinds=kinds, allocation=allocation,
