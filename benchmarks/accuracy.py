@@ -75,12 +75,12 @@ def extra_rows(out):
   from jprune.models import resize
   cfg = job.RunConfig(model="lenet300", out=os.path.join(out, "lenet300"), progress=True, **RECIPE)
   ds = job.load_data(cfg)
-  model = job._model_for(cfg, ds)
+  model = job.model_for(cfg, ds)
   dense, _ = job.train_dense(cfg, ds, model)
   params = dense["params"]
   d = train.evaluate(model, params, None, ds.x_test, ds.y_test)
   steps = RECIPE["finetune_epochs"] * (len(ds.x_train) // 128)
-  tx = lambda: job._adam(RECIPE["finetune_lr"], cfg.weight_decay, steps)
+  tx = lambda: job.adamw_cosine(RECIPE["finetune_lr"], cfg.weight_decay, steps)
   rows = [{"method": "dense", "sparsity": 0.0, "top1": d["top1"]}]
   print(f"dense {100 * d['top1']:.2f}%", flush=True)
 
@@ -138,7 +138,7 @@ def threshold_rows(out):
   import numpy as np
   cfg = job.RunConfig(model="lenet300", out=os.path.join(out, "lenet300"), progress=True, **RECIPE)
   ds = job.load_data(cfg)
-  model = job._model_for(cfg, ds)
+  model = job.model_for(cfg, ds)
   dense, _ = job.train_dense(cfg, ds, model)
   d = train.evaluate(model, dense["params"], None, ds.x_test, ds.y_test)
   kernels = np.concatenate([np.abs(np.asarray(v["kernel"])).ravel() for v in dense["params"].values()])
@@ -180,7 +180,7 @@ def main():
   for model_name in args.only.split(","):
     cfg = job.RunConfig(model=model_name, out=os.path.join(args.out, model_name), progress=True, **RECIPE)
     ds = job.load_data(cfg)
-    model = job._model_for(cfg, ds)
+    model = job.model_for(cfg, ds)
     t = time.time()
     dense, _ = job.train_dense(cfg, ds, model)
     d = train.evaluate(model, dense["params"], dense.get("batch_stats"), ds.x_test, ds.y_test)

@@ -58,7 +58,7 @@ def main():
   calib = np.stack([ids[i * step: i * step + args.calib_len] for i in range(args.calib)])
   evals = llm.token_windows(ids[-args.eval_windows * args.eval_len:], args.eval_len)
 
-  fwd = llm._forward_fn(cfg)
+  fwd = llm.forward_fn(cfg)
   batches = [jnp.asarray(calib[s: s + args.batch_size]) for s in range(0, len(calib), args.batch_size)]
 
   def calib_forward():

@@ -82,6 +82,11 @@ def is_traced(x) -> bool:
   return isinstance(x, jax.core.Tracer)
 
 
+def is_number_like(x) -> bool:
+  """A Python or NumPy number, or a 0-d array (a traced one included)."""
+  return isinstance(x, (int, float, np.floating, np.integer)) or (hasattr(x, "shape") and np.ndim(x) == 0)
+
+
 def is_float(x) -> bool:
   return jnp.issubdtype(jnp.result_type(x.dtype), jnp.floating)
 

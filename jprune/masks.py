@@ -187,8 +187,7 @@ def _topk_leaves(leaves, prior_leaves, sparsity, *, flags, g, scope):
 _topk_leaves_jit = jax.jit(_topk_leaves, static_argnames=("flags", "g", "scope"))
 
 
-def _is_number_like(x):
-  return isinstance(x, (int, float, np.floating, np.integer)) or (hasattr(x, "shape") and np.ndim(x) == 0)
+_is_number_like = _tree.is_number_like   # older name
 
 
 def _per_leaf_sparsity(sparsity, scores, items, flags):

@@ -45,7 +45,7 @@ def ste(sparsity, *, where=None, scope: str = "layer", granularity=None, criteri
   criterion = criterion or _criteria.magnitude()
   if criterion.needs_grads:
     raise ValueError("ste takes a criterion of the weights alone (e.g. magnitude()); got one that needs grads.")
-  if _masks._is_number_like(sparsity) and not _tree.is_traced(sparsity):
+  if _tree.is_number_like(sparsity) and not _tree.is_traced(sparsity):
     _tree.check_sparsity(sparsity)
   if soft_steps < 0:
     raise ValueError(f"soft_steps must be >= 0, got {soft_steps}.")

@@ -169,7 +169,7 @@ def pruned(tx: optax.GradientTransformation, *, criterion: Optional[_criteria.Cr
     if regrow_until is not None:
       t = jnp.minimum(step.astype(jnp.float32) / jnp.float32(regrow_until), 1.0)
       frac = frac * 0.5 * (1.0 + jnp.cos(jnp.pi * t))
-    targets = jax.tree.leaves(target) if not _masks._is_number_like(target) else None
+    targets = jax.tree.leaves(target) if not _tree.is_number_like(target) else None
     flags = jax.tree.leaves(_select.resolve(where, params))
     out = []
     key = jax.random.fold_in(jax.random.key(seed), step)

@@ -143,7 +143,7 @@ def test_run_by_absolute_threshold(idx_dir, tmp_path, capsys, schedule):
                       out=str(tmp_path / "o"), progress=False)
   ds = job.load_data(cfg)
   with jax.numpy_dtype_promotion("standard"):
-    dense, _ = job.train_dense(cfg, ds, job._model_for(cfg, ds))   # the run's own dense checkpoint, reused
+    dense, _ = job.train_dense(cfg, ds, job.model_for(cfg, ds))   # the run's own dense checkpoint, reused
   kept = {r["path"]: r["kept"] for r in m["summary"]["leaves"]}
   for layer in ("Dense_0", "Dense_1", "Dense_2"):
     below = int(np.sum(np.abs(np.asarray(dense["params"][layer]["kernel"])) < theta))

@@ -24,6 +24,7 @@ import numpy as np
 import optax
 
 import jprune as jp
+from jprune import _tree
 from jprune import criteria as _criteria
 from jprune.app import data as _data
 from jprune import models as _models
@@ -259,16 +260,24 @@ def _distribution(cfg: RunConfig):
   return jp.erk() if cfg.distribution == "erk" else None
 
 
-def _model_for(cfg: RunConfig, ds: _data.Dataset):
+def model_for(cfg: RunConfig, ds: _data.Dataset):
+  """The configured model for this data (classes from its labels), refusing a granularity that does not fit."""
   classes = int(max(ds.y_train.max(), ds.y_test.max())) + 1
   model = _models.create(cfg.model, num_classes=classes)
   check_granularity_fits(cfg, model, ds)
   return model
 
 
-def _adam(lr, wd, steps):
+_model_for = model_for   # older name
+
+
+def adamw_cosine(lr: float, wd: float, steps: int) -> optax.GradientTransformation:
+  """The CLI's optimizer: AdamW with weight decay `wd` and a cosine-decayed learning rate over `steps`."""
   sched = optax.cosine_decay_schedule(lr, max(steps, 1))
   return optax.adamw(sched, weight_decay=wd)
+
+
+_adam = adamw_cosine   # older name
 
 
 def load_data(cfg: RunConfig) -> _data.Dataset:
@@ -314,7 +323,7 @@ def _where_for(gran, params, quiet: bool = False):
       return True
     except ValueError:
       return False
-  kernels = [(p, x) for p, x in jp._tree.leaves_with_paths(params) if jp.select.kernels(p, x)]
+  kernels = [(p, x) for p, x in _tree.leaves_with_paths(params) if jp.select.kernels(p, x)]
   skipped = [(p, x) for p, x in kernels if not ok(p, x)]
   if skipped:
     left = sum(int(np.prod(x.shape)) for _, x in skipped)
@@ -456,7 +465,7 @@ def _run(cfg: RunConfig, ds, dense) -> dict:
     ds = load_data(cfg)
   else:
     _check_data(cfg, ds)
-  model = _model_for(cfg, ds)
+  model = model_for(cfg, ds)
   dense_state, dense_hist = dense if dense is not None else train_dense(cfg, ds, model)
   dense_eval = _train.evaluate(model, dense_state["params"], dense_state.get("batch_stats"), ds.x_test, ds.y_test)
   res = prune_and_finetune(cfg, ds, model, dense_state)
@@ -633,7 +642,7 @@ def _sweep(cfg: RunConfig, criteria, sparsities) -> dict:
   if not isinstance(cache, dict):
     cache = {}
   ds = load_data(cfg)
-  model = _model_for(cfg, ds)
+  model = model_for(cfg, ds)
   dense_state, dense_hist = train_dense(cfg, ds, model)
   fp = _data.fingerprint(ds)
   tags = {(c, s): dataclasses.replace(cfg, criterion=c, sparsity=s).prune_tag(fp) for c in criteria for s in sparsities}
@@ -706,7 +715,7 @@ def _sensitivity(cfg, grid, target, allocation_path) -> dict:
   from jprune import analysis
   out = Path(cfg.out)
   ds = load_data(cfg)
-  model = _model_for(cfg, ds)
+  model = model_for(cfg, ds)
   dense_state, _ = train_dense(cfg, ds, model)
   params, stats = dense_state["params"], dense_state.get("batch_stats")
   scores = _calib_scores(cfg, ds, model, params, stats, progress=False)

@@ -14,7 +14,7 @@ Modules, one idea each:
   job         the `jprune llm` command's report
 """
 
-from jprune.llm.eval import _FORWARD_CACHE, _forward_fn, _nll, generate, perplexity  # noqa: F401 (old names)
+from jprune.llm.eval import _FORWARD_CACHE, _forward_fn, _nll, forward_fn, generate, perplexity  # noqa: F401 (old names)
 from jprune.llm.gguf import GGUFError, load_gguf, read_gguf, save_gguf, smollm2_path
 from jprune.llm.job import run_report
 from jprune.llm.prune import _choose  # noqa: F401 (old name)
@@ -31,6 +31,6 @@ def clear_caches() -> None:
   _STAGE_CACHE.clear()
 
 
-__all__ = ["BLOCK_KERNELS", "GGUFError", "JARGON", "LLMPruneResult", "METHODS", "Tokenizer", "clear_caches", "generate",
+__all__ = ["BLOCK_KERNELS", "GGUFError", "JARGON", "LLMPruneResult", "METHODS", "Tokenizer", "clear_caches", "forward_fn", "generate",
            "jargon_text", "load_gguf", "perplexity", "prune", "prune_gguf", "random_gguf", "read_gguf", "run_report",
            "save_gguf", "smollm2_path", "sparsegpt", "split_text_tokens", "token_windows"]

@@ -43,10 +43,14 @@ def perplexity(model, params, tokens, seq_len: int = 512, batch_size: int = 4, p
 _FORWARD_CACHE: dict = {}
 
 
-def _forward_fn(cfg: LlamaConfig):
+def forward_fn(cfg: LlamaConfig):
+  """The jitted forward `(params, tokens) -> logits` of `Llama(cfg)`, one per config."""
   if cfg not in _FORWARD_CACHE:  # one jitted forward per config (a cache of compiled functions, not of state)
     _FORWARD_CACHE[cfg] = jax.jit(lambda p, x: Llama(cfg).apply({"params": p}, x))
   return _FORWARD_CACHE[cfg]
+
+
+_forward_fn = forward_fn   # older name
 
 
 def generate(model, params, prompt_ids, max_new_tokens: int = 20, stop_id: Optional[int] = None) -> list[int]:
