@@ -68,6 +68,18 @@ def _loop(model, params, tx, ds, epochs, seed=0, apply_params=None):
   return params, state
 
 
+def _write_rows(name, rows, dense_top1, removed_label):
+  """Adds each row's drop from dense, writes results/<name>.json with a markdown table, prints the table."""
+  for r in rows:
+    r["drop_points"] = 100 * (dense_top1 - r["top1"])
+  table = f"| method | {removed_label} | top-1 | drop (points) |\n|---|---:|---:|---:|\n"
+  table += "".join(f"| {r['method']} | {r['sparsity']:.1%} | {100 * r['top1']:.2f}% | {r['drop_points']:+.2f} |\n"
+                   for r in rows)
+  path = _common.write(name, {"recipe": RECIPE, "rows": rows, "table": table})
+  print(table)
+  print("wrote", path)
+
+
 def extra_rows(out):
   """Activation-based neuron pruning (compacted), STE and RigL at 90% on LeNet-300-100."""
   import jax
@@ -121,14 +133,7 @@ def extra_rows(out):
                "sparsity": float(jp.sparsity(jp.masks_of(state), p)), "top1": e["top1"],
                "seconds": time.time() - t0})
   print(rows[-1]["method"], f"{100 * e['top1']:.2f}%", flush=True)
-  for r in rows:
-    r["drop_points"] = 100 * (d["top1"] - r["top1"])
-  table = "| method | sparsity (of weights) | top-1 | drop (points) |\n|---|---:|---:|---:|\n"
-  table += "".join(f"| {r['method']} | {r['sparsity']:.1%} | {100 * r['top1']:.2f}% | {r['drop_points']:+.2f} |\n"
-                   for r in rows)
-  path = _common.write("accuracy_extra", {"recipe": RECIPE, "rows": rows, "table": table})
-  print(table)
-  print("wrote", path)
+  _write_rows("accuracy_extra", rows, d["top1"], "sparsity (of weights)")
 
 
 def threshold_rows(out):
@@ -157,14 +162,7 @@ def threshold_rows(out):
                  "sparsity": float(jp.sparsity(r["masks"], r["state"]["params"])), "top1": e["top1"],
                  "seconds": time.time() - t})
     print(label, f"{rows[-1]['sparsity']:.1%} pruned, {100 * e['top1']:.2f}%", flush=True)
-  for r in rows:
-    r["drop_points"] = 100 * (d["top1"] - r["top1"])
-  table = "| method | weights removed | top-1 | drop (points) |\n|---|---:|---:|---:|\n"
-  table += "".join(f"| {r['method']} | {r['sparsity']:.1%} | {100 * r['top1']:.2f}% | {r['drop_points']:+.2f} |\n"
-                   for r in rows)
-  path = _common.write("accuracy_threshold", {"recipe": RECIPE, "rows": rows, "table": table})
-  print(table)
-  print("wrote", path)
+  _write_rows("accuracy_threshold", rows, d["top1"], "weights removed")
 
 
 def main():
