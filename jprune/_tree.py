@@ -7,8 +7,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jprune.types import PyTree
 
-PyTree = Any
 
 
 def path_str(path) -> str:

@@ -20,8 +20,8 @@ import jax.numpy as jnp
 
 from jprune import _tree
 from jprune.criteria import Criterion
+from jprune.types import PyTree
 
-PyTree = Any
 LAYERS = (nn.Dense, nn.DenseGeneral, nn.Conv)
 REDUCTIONS = ("mean_abs", "mean_relu", "rms", "apoz")
 

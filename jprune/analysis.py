@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
+from typing import Callable, Mapping, NamedTuple, Optional, Sequence, Union
 
 import jax
 import numpy as np
@@ -31,8 +31,8 @@ from jprune import _tree
 from jprune import criteria as _criteria
 from jprune import masks as _masks
 from jprune import select as _select
+from jprune.types import PyTree
 
-PyTree = Any
 Evaluate = Callable[[PyTree], Union[float, Mapping[str, float]]]
 
 

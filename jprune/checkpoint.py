@@ -16,7 +16,7 @@ import shutil
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -24,8 +24,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jprune import _tree
+from jprune.types import PyTree
 
-PyTree = Any
 MANIFEST = "jprune_manifest.json"
 
 

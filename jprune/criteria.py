@@ -11,8 +11,8 @@ from typing import Any, Callable, Iterable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+from jprune.types import PyTree
 
-PyTree = Any
 
 
 class Criterion(NamedTuple):

@@ -16,8 +16,8 @@ from typing import Any
 import flax.linen as nn
 
 from jprune import _tree
+from jprune.types import PyTree
 
-PyTree = Any
 
 
 def _param(module: nn.Module, name: str):

@@ -13,7 +13,7 @@ before the mask hardens.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +22,6 @@ from jprune import _tree
 from jprune import criteria as _criteria
 from jprune import masks as _masks
 
-PyTree = Any
 
 
 class STE(NamedTuple):

@@ -15,20 +15,20 @@ as not prunable, naming the op and where, instead of guessed. A group lists its 
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jprune import _kth, _tree
+from jprune.types import PyTree
 
 try:  # public home of jaxpr classes
   from jax.extend.core import Literal
 except ImportError:  # older JAX
   from jax.core import Literal  # type: ignore[attr-defined,no-redef]
 
-PyTree = Any
 
 
 class Member(NamedTuple):

@@ -8,7 +8,7 @@ The inner optimizer only ever sees masked gradients. Mask updates run under `lax
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -19,9 +19,9 @@ from jprune import criteria as _criteria
 from jprune import masks as _masks
 from jprune import schedules as _schedules
 from jprune import select as _select
-from jprune.granularity import Unstructured
+from jprune.granularity import GranularityLike, Unstructured
+from jprune.types import PyTree, Where
 
-PyTree = Any
 
 
 class PruneState(NamedTuple):
@@ -35,7 +35,7 @@ class KeepPrunedState(NamedTuple):
   masks: PyTree
 
 
-def init_masks(params: PyTree, where=None, granularity=None) -> PyTree:
+def init_masks(params: PyTree, where: Where = None, granularity: GranularityLike = None) -> PyTree:
   """All-True masks in the granularity's shape at selected leaves, scalar True elsewhere."""
   g = _masks.parse_granularity(granularity)
   flags = jax.tree.leaves(_select.resolve(where, params))
@@ -80,8 +80,9 @@ def _drop_grow(w, grad, mask, n_keep, frac, key, kind):
 
 
 def pruned(tx: optax.GradientTransformation, *, criterion: Optional[_criteria.Criterion] = None,
-           schedule: _schedules.Schedule, where=None, scope: str = "layer", granularity=None,
-           distribution=None, regrow=False, drop_fraction: float = 0.3,
+           schedule: _schedules.Schedule, where: Where = None, scope: str = "layer",
+           granularity: GranularityLike = None, distribution: Optional[Callable] = None,
+           regrow: Union[bool, str] = False, drop_fraction: float = 0.3,
            regrow_until: Optional[int] = None, seed: int = 0) -> optax.GradientTransformationExtraArgs:
   """Wraps an optax optimizer so that it prunes by `schedule` while training.
 

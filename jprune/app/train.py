@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +20,6 @@ from jprune.app import data as _data
 from jprune._progress import progress_bar
 from jprune.recover import distillation_loss
 
-PyTree = Any
 
 
 def init_variables(model, x, seed: int = 0) -> dict:

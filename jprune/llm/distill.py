@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from typing import Any, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -24,8 +24,8 @@ import optax
 from jprune.llm.eval import _config
 from jprune.models import Llama
 from jprune.recover import distillation_loss
+from jprune.types import PyTree
 
-PyTree = Any
 
 
 class DistillResult(NamedTuple):

@@ -16,7 +16,7 @@ import glob
 import importlib.util
 import os
 import tempfile
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -24,8 +24,8 @@ import numpy as np
 
 from jprune.llm.tokenizer import Tokenizer
 from jprune.models import LlamaConfig
+from jprune.types import PyTree
 
-PyTree = Any
 DTYPES = ("f32", "f16", "q8_0")
 _FILE_TYPE = {"f32": 0, "f16": 1, "q8_0": 7}   # llama_ftype: ALL_F32, MOSTLY_F16, MOSTLY_Q8_0
 

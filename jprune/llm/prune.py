@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import flax
 import jax
@@ -26,8 +26,8 @@ from jprune import select as _select
 from jprune.llm.eval import _config, _nll
 from jprune.llm.sparsegpt import sparsegpt
 from jprune.models import Llama, LlamaAttention, LlamaBlock, LlamaConfig, LlamaMLP, RMSNorm
+from jprune.types import PyTree
 
-PyTree = Any
 METHODS = ("magnitude", "gradient", "taylor", "wanda", "sparsegpt")
 NEEDS_ACTIVATIONS = ("wanda", "sparsegpt")
 BLOCK_KERNELS = r"layers_\d+/.*/kernel"   # default selection: every linear layer inside the decoder blocks

@@ -44,7 +44,7 @@ unpruned layer's output t on the same inputs ("layer"), or the dense model's res
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import flax
 import jax
@@ -54,8 +54,8 @@ import numpy as np
 from jprune.llm.eval import _config
 from jprune.llm.prune import _stages
 from jprune.models import Llama, LlamaConfig
+from jprune.types import PyTree
 
-PyTree = Any
 CRITERIA = ("l2", "activation", "flap", "taylor", "fisher")
 KINDS = ("mlp", "heads")
 
