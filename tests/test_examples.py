@@ -15,7 +15,13 @@ def tfds_dir(tmp_path_factory):
   return tmp_path_factory.mktemp("examples-tfds")   # one prepared dataset for every example of a worker
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in EXAMPLES.glob("[0-9]*.py")))
+# 04 loads the real SmolLM2 and prunes all 30 blocks twice (~40 s even in smoke mode): marked slow, as
+# `benchmarks/llm.py` runs the same Wanda / magnitude 2:4 path on the full model (`bash scripts/test.sh --all` runs it)
+SLOW = {"04_llm_wanda.py"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n
+                                  for n in sorted(p.name for p in EXAMPLES.glob("[0-9]*.py"))])
 def test_example_runs(name, tfds_dir):
   env = dict(os.environ, JPRUNE_EXAMPLE_SMOKE="1", JPRUNE_NO_PROGRESS="1", TFDS_DATA_DIR=str(tfds_dir),
              PYTHONPATH=str(EXAMPLES.parent))
