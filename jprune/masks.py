@@ -134,6 +134,62 @@ def topk(scores: PyTree, sparsity: Sparsity, *, where: Where = None, scope: str 
   return jax.tree.unflatten(treedef, out)
 
 
+class _LazyUnit:
+  """One selected leaf of scores that are never stored: `key_fn` recomputes them inside each counting pass."""
+
+  def __init__(self, index: int, prior, size: int):
+    self.index, self.prior, self.size = index, prior, size
+
+
+def topk_of(score_fn, inputs: tuple, sparsity: Sparsity, *, where: Where = None, scope: str = "layer",
+            granularity: GranularityLike = None, masks: Optional[PyTree] = None) -> PyTree:
+  """`topk(score_fn(*inputs), ...)` without materializing the scores: every counting pass of the k-th-key
+  search (and the mask build after it) recomputes them from `inputs`, fused into the pass, so the program holds
+  no score tree (for |w| that is a params-sized float32 tree saved). Same masks as `topk` (tested); meant for
+  jitted code such as `pruned`'s mask update. N:M and per-leaf distributions given as functions go through
+  `topk`."""
+  g = parse_granularity(granularity)
+  if g.fixed_pattern or callable(sparsity) or scope not in ("layer", "global"):
+    return topk(score_fn(*inputs), sparsity, where=where, scope=scope, granularity=g, masks=masks)
+  shapes = jax.eval_shape(score_fn, *inputs)
+  items = _tree.leaves_with_paths(shapes)
+  flags = _selected(shapes, where)
+  for (path, s), f in zip(items, flags):
+    if f:
+      g.check(path, s.shape)
+  if masks is not None:
+    _tree.check_same_structure(shapes, masks, "scores", "masks")
+  prior_leaves = jax.tree.leaves(masks) if masks is not None else [None] * len(items)
+  per_leaf = _per_leaf_sparsity(sparsity, shapes, items, flags)
+  if scope == "global":
+    if isinstance(sparsity, dict) or not _tree.is_number_like(sparsity):
+      raise ValueError("scope='global' takes one sparsity number, not a per-leaf tree.")
+    _tree.check_sparsity(sparsity)
+  key_fn = lambda u: _kth.unit_key((g.unit_scores(jax.tree.leaves(score_fn(*inputs))[u.index]), u.prior))
+  out: list = [jnp.asarray(True)] * len(items)
+  units = {}
+  for i, ((_, s), f) in enumerate(zip(items, flags)):
+    if not f:
+      continue
+    if s.size == 0:
+      out[i] = jnp.ones(s.shape, jnp.bool_)
+      continue
+    unit_shape = jax.eval_shape(g.unit_scores, s).shape
+    prior = None if prior_leaves[i] is None else g.units_of(prior_leaves[i], s.shape)
+    units[i] = _LazyUnit(i, prior, int(np.prod(unit_shape)))
+  if scope == "global" and units:
+    idx = sorted(units)
+    keeps = _kth.prune_lowest([units[i] for i in idx], _kth.count_k(sparsity, sum(units[i].size for i in idx)),
+                              key_fn)
+    for i, kp in zip(idx, keeps):
+      out[i] = g.expand(kp, items[i][1].shape)
+  elif scope == "layer":
+    for i, u in units.items():
+      kp, = _kth.prune_lowest([u], _kth.count_k(per_leaf[i], u.size), key_fn)
+      out[i] = g.expand(kp, items[i][1].shape)
+  return jax.tree.unflatten(jax.tree.structure(shapes), out)
+
+
 class UnmaskedUnitsWarning(UserWarning):
   """Neurons/channels masks leave the unselected leaves that belong to the same units (biases, norms) unmasked."""
 

@@ -157,9 +157,9 @@ def pruned(tx: optax.GradientTransformation, *, criterion: Optional[_criteria.Cr
       return keep if regrow else jax.tree.map(jnp.logical_and, masks, keep)
     s = schedule.sparsity(step)
     target = s if distribution is None else distribution(params, s, where)
-    scores = criterion.score(crit, params)
-    return _masks.topk(scores, target, where=where, scope=scope, granularity=g,
-                       masks=None if regrow else masks)
+    # the scores are recomputed inside each counting pass from (crit, params), never stored as a tree
+    return _masks.topk_of(criterion.score, (crit, params), target, where=where, scope=scope, granularity=g,
+                          masks=None if regrow else masks)
 
   def dst_masks(params, grads, crit, masks, step):
     """First update: prune to target by the criterion; later: drop by |w|, grow by |g| or at random."""

@@ -1,5 +1,7 @@
 """Exact top-k (layer and global), ties, N:M, structured shapes, thresholds and mask algebra."""
 
+import warnings
+
 import hypothesis.extra.numpy as hnp
 import jax
 import jax.numpy as jnp
@@ -252,3 +254,27 @@ def test_ties_straddling_k_inside_a_middle_leaf(scope):
     assert (b.ravel() < 2.0).sum() < kb < (b.ravel() <= 2.0).sum()             # the cut is a tie inside b
     for f in (lambda t: jp.topk(t, 0.4), jax.jit(lambda t: jp.topk(t, 0.4))):
       np.testing.assert_array_equal(np.asarray(f(tree)["b"]["kernel"]).ravel(), _reference_keep(b.ravel(), kb))
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_topk_of_equals_topk_on_the_stored_scores(scope):
+  """`topk_of(score_fn, inputs, ...)` (the scores recomputed inside each counting pass, as `pruned` uses it) gives
+  `topk(score_fn(*inputs), ...)`: above the sort path's size (counting passes), with ties (weights rounded to
+  1/8), prior masks and every granularity."""
+  from jprune import masks as M
+  k = jax.random.split(jax.random.key(0), 3)
+  params = {"a": {"kernel": jnp.round(jax.random.normal(k[0], (300, 200)) * 8) / 8},
+            "b": {"kernel": jax.random.normal(k[1], (128, 64)), "bias": jnp.ones(64)},
+            "c": {"kernel": jax.random.normal(k[2], (3, 3, 16, 32))}}
+  score = lambda p, c: jax.tree.map(lambda w: jnp.abs(w) * c, p)
+  for gran in (jp.unstructured(), jp.neurons(reduce="l2"), jp.blocks(4, 4), jp.nm(2, 4)):
+    priors = [None] if gran.fixed_pattern else [None, jp.topk(score(params, 1.0), 0.3, granularity=gran)]
+    for prior in priors:
+      with warnings.catch_warnings():
+        warnings.simplefilter("ignore", jp.masks.UnmaskedUnitsWarning)
+        got = jax.jit(lambda p, m: M.topk_of(score, (p, 2.0), 0.7, scope=scope, granularity=gran, masks=m))(
+            params, prior)
+        want = jax.jit(lambda p, m: jp.topk(score(p, 2.0), 0.7, scope=scope, granularity=gran, masks=m))(
+            params, prior)
+      for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=f"{scope} {gran} prior={prior is not None}")
