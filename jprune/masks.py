@@ -159,7 +159,7 @@ def topk_of(score_fn, inputs: tuple, sparsity: Sparsity, *, where: Where = None,
       g.check(path, s.shape)
   if masks is not None:
     _tree.check_same_structure(shapes, masks, "scores", "masks")
-  prior_leaves = jax.tree.leaves(masks) if masks is not None else [None] * len(items)
+  prior_leaves: list = jax.tree.leaves(masks) if masks is not None else [None] * len(items)
   per_leaf = _per_leaf_sparsity(sparsity, shapes, items, flags)
   if scope == "global":
     if isinstance(sparsity, dict) or not _tree.is_number_like(sparsity):
