@@ -252,7 +252,7 @@ def prune_lowest(units: Sequence[Any], k, key_fn=None) -> list[jax.Array]:
     xs = [key_fn(u) for u in units]
     flat = jnp.concatenate([_replicated(x).reshape(-1) for x in xs])
     hi = jnp.sort(flat)[jnp.clip(k - 1, 0, total - 1)]
-    masks = _tie_masks(xs, hi, k - jnp.sum(flat < hi, dtype=jnp.int32))
+    masks = _tie_masks(units, key_fn, hi, k - jnp.sum(flat < hi, dtype=jnp.int32))
     return [jnp.where(k > 0, m, True) for m in masks]
   st = kth_key(units, k, key_fn)
   hi, r = st.hi, k - st.c_lo  # r: how many entries in (lo, hi] (all equal to hi on a partial tie) to prune
@@ -261,21 +261,23 @@ def prune_lowest(units: Sequence[Any], k, key_fn=None) -> list[jax.Array]:
     return [key_fn(u) > hi for u in units]
 
   def partial_tie(_):
-    return _tie_masks([key_fn(u) for u in units], hi, r)
+    return _tie_masks(units, key_fn, hi, r)
 
   masks = jax.lax.cond(st.c_hi == k, exact, partial_tie, None)
   return [jnp.where(k > 0, m, True) for m in masks]
 
 
-def _tie_masks(xs: Sequence[jax.Array], hi: jax.Array, r: jax.Array) -> list[jax.Array]:
+def _tie_masks(units: Sequence[Any], key_fn, hi: jax.Array, r: jax.Array) -> list[jax.Array]:
   """Keep-masks: keys > hi kept, keys < hi pruned, and of the keys == hi the first r (leaf order, then
   row-major) pruned. Ties are counted per leaf (one pass); a leaf whose ties all fall before / after the r-th
-  keeps (x > hi) / (x >= hi); only the one leaf where the r-th tie falls ranks its ties, inside one row."""
-  counts = [jnp.sum(x == hi, dtype=jnp.int32) for x in xs]
+  keeps (x > hi) / (x >= hi); only the one leaf where the r-th tie falls ranks its ties, inside one row.
+  Keys are computed inside each pass and each branch from the units (never passed around as stored trees)."""
+  counts = [jnp.sum(key_fn(u) == hi, dtype=jnp.int32) for u in units]
   out, before = [], jnp.int32(0)
-  for x, c in zip(xs, counts):
+  for u, c in zip(units, counts):
     r_leaf = jnp.clip(r - before, 0, c)
-    out.append(jax.lax.cond((r_leaf > 0) & (r_leaf < c), _straddle, _all_or_no_ties, x, hi, r_leaf))
+    out.append(jax.lax.cond((r_leaf > 0) & (r_leaf < c), lambda u=u, r_leaf=r_leaf: _straddle(key_fn(u), hi, r_leaf),
+                            lambda u=u, r_leaf=r_leaf: _all_or_no_ties(key_fn(u), hi, r_leaf)))
     before = before + c
   return out
 
