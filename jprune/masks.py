@@ -119,9 +119,7 @@ def topk(scores: PyTree, sparsity: Sparsity, *, where: Where = None, scope: str 
   treedef = jax.tree.structure(scores)
   per_leaf = _per_leaf_sparsity(sparsity, scores, items, flags)
   if scope == "global" and not g.fixed_pattern:
-    if isinstance(sparsity, dict) or not _is_number_like(sparsity):
-      raise ValueError("scope='global' takes one sparsity number, not a per-leaf tree.")
-    _tree.check_sparsity(sparsity)
+    _check_global(sparsity)
   if isinstance(g, Neurons):
     _warn_unmasked_unit_leaves(items, flags, g)
   leaves = [s for _, s in items]
@@ -152,42 +150,31 @@ def topk_of(score_fn, inputs: tuple, sparsity: Sparsity, *, where: Where = None,
   if g.fixed_pattern or callable(sparsity) or scope not in ("layer", "global"):
     return topk(score_fn(*inputs), sparsity, where=where, scope=scope, granularity=g, masks=masks)
   shapes = jax.eval_shape(score_fn, *inputs)
-  items = _tree.leaves_with_paths(shapes)
-  flags = _selected(shapes, where)
-  for (path, s), f in zip(items, flags):
-    if f:
-      g.check(path, s.shape)
-  if masks is not None:
-    _tree.check_same_structure(shapes, masks, "scores", "masks")
-  prior_leaves: list = jax.tree.leaves(masks) if masks is not None else [None] * len(items)
+  g, items, flags, prior_leaves = _prepare(shapes, where, g, masks)
   per_leaf = _per_leaf_sparsity(sparsity, shapes, items, flags)
   if scope == "global":
-    if isinstance(sparsity, dict) or not _tree.is_number_like(sparsity):
-      raise ValueError("scope='global' takes one sparsity number, not a per-leaf tree.")
-    _tree.check_sparsity(sparsity)
+    _check_global(sparsity)
   key_fn = lambda u: _kth.unit_key((g.unit_scores(jax.tree.leaves(score_fn(*inputs))[u.index]), u.prior))
   out: list = [jnp.asarray(True)] * len(items)
-  units = {}
+  units, shapes_of = {}, {}
   for i, ((_, s), f) in enumerate(zip(items, flags)):
     if not f:
       continue
     if s.size == 0:
       out[i] = jnp.ones(s.shape, jnp.bool_)
       continue
-    unit_shape = jax.eval_shape(g.unit_scores, s).shape
     prior = None if prior_leaves[i] is None else g.units_of(prior_leaves[i], s.shape)
-    units[i] = _LazyUnit(i, prior, int(np.prod(unit_shape)))
-  if scope == "global" and units:
-    idx = sorted(units)
-    keeps = _kth.prune_lowest([units[i] for i in idx], _kth.count_k(sparsity, sum(units[i].size for i in idx)),
-                              key_fn)
-    for i, kp in zip(idx, keeps):
-      out[i] = g.expand(kp, items[i][1].shape)
-  elif scope == "layer":
-    for i, u in units.items():
-      kp, = _kth.prune_lowest([u], _kth.count_k(per_leaf[i], u.size), key_fn)
-      out[i] = g.expand(kp, items[i][1].shape)
+    units[i] = _LazyUnit(i, prior, int(np.prod(jax.eval_shape(g.unit_scores, s).shape)))
+    shapes_of[i] = s.shape
+  sizes = {i: u.size for i, u in units.items()}
+  _prune_units(out, units, sizes, shapes_of, sparsity if scope == "global" else per_leaf, g, scope, key_fn)
   return jax.tree.unflatten(jax.tree.structure(shapes), out)
+
+
+def _check_global(sparsity) -> None:
+  if isinstance(sparsity, dict) or not _tree.is_number_like(sparsity):
+    raise ValueError("scope='global' takes one sparsity number, not a per-leaf tree.")
+  _tree.check_sparsity(sparsity)
 
 
 class UnmaskedUnitsWarning(UserWarning):
@@ -225,17 +212,22 @@ def _topk_leaves(leaves, prior_leaves, sparsity, *, flags, g, scope):
     u = g.unit_scores(s)
     prior = None if prior_leaves[i] is None else g.units_of(prior_leaves[i], s.shape)
     units[i], shapes[i] = (u, prior), s.shape
+  sizes = {i: int(u[0].size) for i, u in units.items()}
+  return _prune_units(out, units, sizes, shapes, sparsity, g, scope, _kth.unit_key)
+
+
+def _prune_units(out, units, sizes, shapes, sparsity, g, scope, key_fn):
+  """Fills `out[i]` with the keep-mask of each selected leaf's units: one exact count over all of them (global
+  scope, `sparsity` one number) or one per leaf (`sparsity[i]`)."""
   if scope == "global":
     idx = sorted(units)
-    if not idx:
-      return out
-    n_total = sum(int(units[i][0].size) for i in idx)
-    keeps = _kth.prune_lowest([units[i] for i in idx], _kth.count_k(sparsity, n_total), _kth.unit_key)
-    for i, kp in zip(idx, keeps):
-      out[i] = g.expand(kp, shapes[i])
+    if idx:
+      keeps = _kth.prune_lowest([units[i] for i in idx], _kth.count_k(sparsity, sum(sizes[i] for i in idx)), key_fn)
+      for i, kp in zip(idx, keeps):
+        out[i] = g.expand(kp, shapes[i])
   else:
     for i, u in units.items():
-      kp, = _kth.prune_lowest([u], _kth.count_k(sparsity[i], int(u[0].size)), _kth.unit_key)
+      kp, = _kth.prune_lowest([u], _kth.count_k(sparsity[i], sizes[i]), key_fn)
       out[i] = g.expand(kp, shapes[i])
   return out
 
