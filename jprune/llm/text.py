@@ -11,10 +11,13 @@ import numpy as np
 JARGON = "/usr/share/doc/jargon-text/jargon.txt.gz"
 
 
-def jargon_text(path: str = JARGON) -> str:
-  """The Jargon File (Debian's `jargon-text`, public domain) as one string."""
+def jargon_text(path: Optional[str] = None) -> str:
+  """The Jargon File (Debian's `jargon-text`, public domain) as one string: from `path`, else $JPRUNE_JARGON,
+  else Debian's install path."""
+  path = path or os.environ.get("JPRUNE_JARGON") or JARGON
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: `apt-get install jargon-text` (or `bash scripts/setup.sh --data`).")
+    raise FileNotFoundError(f"{path} not found: `apt-get install jargon-text` (or `bash scripts/setup.sh --text`, "
+                            f"or set JPRUNE_JARGON to a jargon.txt.gz).")
   with gzip.open(path, "rt", encoding="utf-8", errors="replace") as f:
     return f.read()
 
