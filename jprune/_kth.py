@@ -7,7 +7,8 @@ expects the k-th key — so the model itself is never sorted or concatenated (a 
 Ties at the threshold are broken by leaf order, then row-major index, counted per leaf and ranked only inside
 the one row where the k-th tie falls.
 
-Public to the package (masks, transform, structured, llm): `prune_lowest`, `kth_key`, `keys`, `unit_key`,
+Public to the package (masks, transform, structured, llm): `prune_lowest`, `prune_lowest_groups`, `kth_key`,
+`kth_keys`, `keys`, `unit_key`,
 `count_k`, `PRUNED_KEY`, `SORT_MAX`.
 """
 
@@ -25,7 +26,8 @@ _INT_MIN = np.iinfo(np.int32).min
 _INT_MAX = np.iinfo(np.int32).max
 _PRUNED_KEY = _INT_MIN + 1   # key of already-pruned entries: below every real score
 _UNROLLED = 5                # passes after the first, each skipped once the search has converged
-_SAMPLE = 1 << 15            # size of the strided sample that seeds the search
+_SAMPLE = 1 << 15            # size of the strided sample that seeds the search (shared by the groups)
+_SAMPLE_MIN = 1 << 11        # the least sample per group
 _SORT_MAX = 1 << 14          # up to this many entries in one top-k, one sort finds the k-th key
 
 
@@ -62,42 +64,36 @@ def _chunk(d: int, limit: int = 255) -> int:
   return 1
 
 
-def _count_le(key: jax.Array, xs: jax.Array) -> jax.Array:
-  """#(key <= x) for each threshold in `xs`, for one leaf, in one pass: int32 `(len(xs),)`.
+def _count_packed(preds, lead: int = 0) -> jax.Array:
+  """How many entries of each bool array in `preds` (one shape) are True: int32 `(len(preds),)`, or with
+  `lead=1` int32 `(len(preds), shape[0])` counted per index of the first axis.
 
-  On XLA:CPU a reduction over a fused compare-and-convert to int32 is an order of magnitude slower than a
-  pass; counting in narrow types is not. Each threshold gets a byte of a uint32 word (four per word), summed
-  over chunks of <= 32 entries of the last axis (no byte can overflow), then split and summed in int32.
-  Reshaping only the last axis keeps leaves' shardings intact.
+  On XLA:CPU a reduction over a fused bool-to-int32 convert is an order of magnitude slower than a read pass;
+  counting in narrow types is not. Each predicate gets a byte of a uint32 word (four per word), summed over
+  chunks of <= 32 entries of the last axis (no byte can overflow), then split and summed in int32. Reshaping
+  only the last axis keeps leaves' shardings intact.
   """
-  t = xs.shape[0]
-  if key.ndim == 0:
-    return (key <= xs).astype(jnp.int32)
-  d = key.shape[-1]
+  p0 = preds[0]
+  axes = tuple(range(lead, p0.ndim))
+  if p0.ndim == lead:
+    return jnp.stack([p.astype(jnp.int32) for p in preds])
+  d = p0.shape[-1]
   c = _chunk(d, 32)
-  spec = _explicit_spec(key)
-  if c < 8 or (spec is not None and len(spec) == key.ndim and spec[-1] is not None):
-    return jnp.stack([jnp.sum(key <= xs[j], dtype=jnp.int32) for j in range(t)])
+  spec = _explicit_spec(p0)
+  if c < 8 or (spec is not None and len(spec) == p0.ndim and spec[-1] is not None):
+    return jnp.stack([jnp.sum(p, axis=axes, dtype=jnp.int32) for p in preds])
   out = []
-  for w in range(0, t, 4):
-    lanes = sum(((key <= xs[j]).astype(jnp.uint32) << (8 * (j - w)) for j in range(w, min(t, w + 4))),
-                jnp.zeros((), jnp.uint32))
-    part = jnp.sum(lanes.reshape(*key.shape[:-1], d // c, c), axis=-1, dtype=jnp.uint32)
-    out += [jnp.sum(((part >> (8 * (j - w))) & 255).astype(jnp.int32)) for j in range(w, min(t, w + 4))]
+  for w in range(0, len(preds), 4):
+    group = preds[w:w + 4]
+    lanes = sum((p.astype(jnp.uint32) << (8 * j) for j, p in enumerate(group)), jnp.zeros((), jnp.uint32))
+    part = jnp.sum(lanes.reshape(*p0.shape[:-1], d // c, c), axis=-1, dtype=jnp.uint32)
+    out += [jnp.sum(((part >> (8 * j)) & 255).astype(jnp.int32), axis=axes) for j in range(len(group))]
   return jnp.stack(out)
 
 
-def _sample(keys: Sequence[jax.Array], total: int) -> jax.Array:
-  """A sorted strided sample of about `_SAMPLE` keys, proportional to leaf sizes."""
-  parts = []
-  for k in keys:
-    n = k.size
-    take = max(1, min(n, int(round(_SAMPLE * n / total))))
-    ax = int(np.argmax(k.shape)) if k.ndim else 0
-    stride = max(1, min(k.shape[ax] if k.ndim else 1, n // take))
-    sub = k[(slice(None),) * ax + (slice(None, None, stride),)] if k.ndim else k
-    parts.append(_replicated(sub).reshape(-1))
-  return jnp.sort(jnp.concatenate(parts))
+def _count_le(key: jax.Array, xs: jax.Array) -> jax.Array:
+  """#(key <= x) for each threshold in `xs`, for one leaf, in one pass: int32 `(len(xs),)`."""
+  return _count_packed([key <= xs[j] for j in range(xs.shape[0])])
 
 
 def _explicit_spec(x):
@@ -126,7 +122,11 @@ class _Search(NamedTuple):
   c_n: jax.Array
   stall: jax.Array  # consecutive passes that shrank the count bracket less than 4x
   it: jax.Array
+  n_lo: jax.Array   # per leaf: #(key <= lo) and #(key <= hi) of its group's bracket
+  n_hi: jax.Array
 
+
+_GROUP_FIELDS = _Search._fields[:-2]
 
 _SAMPLE_SD = (-2.5, -0.8, 0.8, 2.5)  # first pass: sample quantiles at q + a·sd(q), sd(q) the sample's
 _COUNT_SD = (-2.0, -0.5, 0.5, 2.0)   # later passes: the key expected to have count k + a·sd, sd the bracket's
@@ -168,29 +168,54 @@ def _interpolate(st: _Search, c: jax.Array) -> jax.Array:
   return jnp.where(by_value, key_v, key_lin)
 
 
-def kth_key(units: Sequence[jax.Array], k, key_fn=None) -> _Search:
-  """Brackets the k-th smallest key over all leaves with counting passes only, four thresholds per pass.
+def _group_sample(keys: Sequence[jax.Array], total: int, size: int) -> jax.Array:
+  """An unsorted strided sample of about `size` keys of one group's leaves, proportional to leaf sizes."""
+  parts = []
+  for k in keys:
+    n = k.size
+    take = max(1, min(n, int(round(size * n / total))))
+    ax = int(np.argmax(k.shape)) if k.ndim else 0
+    stride = max(1, min(k.shape[ax] if k.ndim else 1, n // take))
+    sub = k[(slice(None),) * ax + (slice(None, None, stride),)] if k.ndim else k
+    parts.append(_replicated(sub).reshape(-1))
+  return jnp.concatenate(parts)
 
-  Invariant: c_lo = #(key <= lo) < k <= c_hi = #(key <= hi). Stops when c_hi == k (prune every key <= hi) or
-  hi == lo + 1 (hi is the k-th key; some entries equal to it are pruned, some kept). The first pass probes
-  quantiles of a small strided sample around k/N. Later passes interpolate where the count reaches k and
-  probe at ±0.5 and ±2 binomial standard deviations of the bracket's count around it, so a bracket of b
-  entries shrinks to about sqrt(b)/2: 16M entries take about four passes. After a pass that fails to shrink
-  the bracket 4x the spread grows 4x; after two, the pass probes the key-space quarters and hi - 1 (width /4
-  per pass, and a tie at hi is recognised at once), which bounds the worst case. `key_fn` maps a leaf to its
-  keys inside each pass, so keys are never stored.
+
+def kth_keys(groups: Sequence[Sequence[Any]], ks, key_fn=None) -> _Search:
+  """Brackets the k-th smallest key of each group of leaves, all groups in one loop: counting passes only,
+  four thresholds per group per pass. Every field of the result is `(G,)` except `n_lo`, `n_hi`: `(L,)`, each
+  leaf's count at its group's lo / hi (leaves in group order), from which ties are split without another pass.
+
+  Invariant per group: c_lo = #(key <= lo) < k <= c_hi = #(key <= hi). A group stops when c_hi == k (prune
+  every key <= hi) or hi == lo + 1 (hi is the k-th key; some entries equal to it are pruned, some kept). The
+  first pass probes quantiles of a small strided sample around k/N. Later passes interpolate where the count
+  reaches k and probe at ±0.5 and ±2 binomial standard deviations of the bracket's count around it, so a
+  bracket of b entries shrinks to about sqrt(b)/2: 16M entries take about four passes. After a pass that fails
+  to shrink the bracket 4x the spread grows 4x; after two, the pass probes the key-space quarters and hi - 1
+  (width /4 per pass, and a tie at hi is recognised at once), which bounds the worst case. `key_fn` maps a leaf
+  to its keys inside each pass, so keys are never stored. The scalar logic is traced once for all groups
+  (`vmap`), so layer scope over many leaves compiles one loop, not one per leaf.
   """
   key_fn = key_fn or (lambda u: u)
-  total = sum(int(jax.tree.leaves(x)[0].size) for x in units)
-  k = jnp.asarray(k, jnp.int32)
-  sample = _sample([key_fn(u) for u in units], total)
-  ns = sample.shape[0]
-  q = k.astype(jnp.float32) / total
-  sd_q = jnp.sqrt(q * (1.0 - q) / ns)
-  target = k.astype(jnp.float32) + 0.5
+  n_groups = len(groups)
+  units = [u for grp in groups for u in grp]
+  gid = np.concatenate([np.full(len(grp), g, np.int32) for g, grp in enumerate(groups)])
+  sizes = np.array([int(jax.tree.leaves(u)[0].size) for u in units], np.int64)
+  totals = np.zeros(n_groups, np.int64)
+  np.add.at(totals, gid, sizes)
+  ks = jnp.stack([jnp.asarray(k, jnp.int32).reshape(()) for k in ks]) if isinstance(ks, (list, tuple)) \
+      else jnp.asarray(ks, jnp.int32).reshape(n_groups)
+  per = max(_SAMPLE_MIN, _SAMPLE // n_groups)
+  parts = [_group_sample([key_fn(u) for u in grp], int(totals[g]), per) for g, grp in enumerate(groups)]
+  ns = np.array([p.shape[0] for p in parts])
+  sample = jnp.sort(jnp.stack([jnp.pad(p, (0, ns.max() - p.shape[0]), constant_values=_INT_MAX) for p in parts]),
+                    axis=1)
+  q = ks.astype(jnp.float32) / totals.astype(np.float32)
+  sd_q = jnp.sqrt(q * (1.0 - q) / ns.astype(np.float32))
+  target = ks.astype(jnp.float32) + 0.5
   a_sample, a_count = jnp.array(_SAMPLE_SD, jnp.float32), jnp.array(_COUNT_SD, jnp.float32)
 
-  def probes(st: _Search) -> jax.Array:
+  def probes(st: _Search, sample, ns, q, sd_q, target) -> jax.Array:   # one group
     width = _u32(st.hi - st.lo)  # >= 2
     pos = jnp.clip(jnp.round((q + a_sample * sd_q) * ns + a_sample), 0, ns - 1).astype(jnp.int32)
     first = sample[pos]
@@ -205,9 +230,7 @@ def kth_key(units: Sequence[jax.Array], k, key_fn=None) -> _Search:
     later = jnp.where(width <= 5, small, jnp.where(st.stall >= 2, stalled, interp))
     return jnp.sort(jnp.where(st.it == 0, first, later))
 
-  def body(st: _Search) -> _Search:
-    xs = probes(st)
-    cs = sum(_count_le(key_fn(u), xs) for u in units)
+  def update(st: _Search, xs, cs, k):   # one group: the new bracket and which of the 6 counts its ends are
     xa = jnp.concatenate([st.lo[None], xs, st.hi[None]])  # sorted
     ca = jnp.concatenate([st.c_lo[None], cs, st.c_hi[None]])
     up = ca >= k
@@ -222,49 +245,90 @@ def kth_key(units: Sequence[jax.Array], k, key_fn=None) -> _Search:
     c_n = jnp.where(use_below | has_above, jnp.where(use_below, ca[below], ca[above]), -1)
     shrunk = (4 * (c_hi - c_lo) <= st.c_hi - st.c_lo) | (c_hi - c_lo <= 16)  # few entries left: luck, not a stall
     stall = jnp.where(shrunk | (st.stall >= 2), 0, st.stall + 1)
-    return _Search(lo, hi, c_lo, c_hi, x_n, c_n, stall, st.it + 1)
+    return (_Search(lo, hi, c_lo, c_hi, x_n, c_n, stall, st.it + 1, st.n_lo, st.n_hi), i_lo, i_hi)
+
+  per_group = lambda st: st._replace(n_lo=jnp.zeros(n_groups), n_hi=jnp.zeros(n_groups))
+
+  def active(st: _Search):
+    return (_u32(st.hi - st.lo) > 1) & (st.c_hi != ks) & (ks > 0)
+
+  def body(st: _Search) -> _Search:
+    xs = jax.vmap(probes)(per_group(st), sample, ns.astype(np.float32), q, sd_q, target)   # (G, 4)
+    cnt = jnp.stack([_count_le(key_fn(u), xs[g]) for u, g in zip(units, gid)])        # (L, 4)
+    cs = cnt.sum(0, keepdims=True) if n_groups == 1 else jax.ops.segment_sum(cnt, gid, n_groups)
+    new, i_lo, i_hi = jax.vmap(update)(per_group(st), xs, cs, ks)
+    la = jnp.concatenate([st.n_lo[:, None], cnt, st.n_hi[:, None]], axis=1)           # (L, 6), sorted as xa
+    n_lo = jnp.take_along_axis(la, i_lo[gid][:, None], axis=1)[:, 0]
+    n_hi = jnp.take_along_axis(la, i_hi[gid][:, None], axis=1)[:, 0]
+    on = active(st)   # converged groups keep their state
+    return _Search(*(jnp.where(on, getattr(new, f), getattr(st, f)) for f in _GROUP_FIELDS),
+                   jnp.where(on[gid], n_lo, st.n_lo), jnp.where(on[gid], n_hi, st.n_hi))
 
   def cond(st: _Search):
-    return (_u32(st.hi - st.lo) > 1) & (st.c_hi != k) & (k > 0)
+    return jnp.any(active(st))
 
-  def maybe(st: _Search) -> _Search:
-    return jax.lax.cond(cond(st), body, lambda s: s, st)
-
-  init = _Search(jnp.int32(_INT_MIN), jnp.int32(_INT_MAX), jnp.int32(0), jnp.int32(total), jnp.int32(0),
-                 jnp.int32(-1), jnp.int32(0), jnp.int32(0))
-  st = body(init)
+  z = jnp.zeros(n_groups, jnp.int32)
+  init = _Search(z + _INT_MIN, z + _INT_MAX, z, jnp.asarray(totals, jnp.int32), z, z - 1, z, z,
+                 jnp.zeros(len(units), jnp.int32), jnp.asarray(sizes, jnp.int32))
+  # The first pass sits in a cond whose predicate XLA cannot fold (the sample is sorted, so it holds): inlined at
+  # the top level, its count would share the keys the sample is cut from, and XLA would materialize every
+  # leaf's keys — fresh buffers whose page faults cost as much as the whole search.
+  st = jax.lax.cond(cond(init) & jnp.all(sample[:, -1] >= sample[:, 0]), body, lambda s: s, init)
   for _ in range(_UNROLLED):  # passes that skip themselves once the search has converged
-    st = maybe(st)
+    st = jax.lax.cond(cond(st), body, lambda s: s, st)
   # the loop (rarely entered) sits behind a cond: a while loop in the graph can cost a copy of its operands
   return jax.lax.cond(cond(st), lambda s: jax.lax.while_loop(cond, body, s), lambda s: s, st)
 
 
-def prune_lowest(units: Sequence[Any], k, key_fn=None) -> list[jax.Array]:
-  """Keep-masks pruning exactly the `k` lowest keys over all leaves (ties: leaf order, then row-major).
+def kth_key(units: Sequence[Any], k, key_fn=None) -> _Search:
+  """`kth_keys` for one group: scalar fields (`n_lo`, `n_hi` per leaf)."""
+  st = kth_keys([units], [k], key_fn)
+  return st._replace(**{f: getattr(st, f)[0] for f in _Search._fields if f not in ("n_lo", "n_hi")})
 
-  Up to `_SORT_MAX` entries in all, the k-th key comes from one sort (cheap to compile, and fast at that size);
-  beyond, from `kth_key`'s counting passes, which never sort or concatenate the model.
+
+def prune_lowest(units: Sequence[Any], k, key_fn=None) -> list[jax.Array]:
+  """Keep-masks pruning exactly the `k` lowest keys over all leaves (ties: leaf order, then row-major)."""
+  return prune_lowest_groups([units], [k], key_fn)[0]
+
+
+def prune_lowest_groups(groups: Sequence[Sequence[Any]], ks: Sequence[Any], key_fn=None) -> list[list[jax.Array]]:
+  """`prune_lowest` of each group of leaves with its own k, the groups searched together in one loop.
+
+  A group of up to `_SORT_MAX` entries gets its k-th key from one sort (cheap to compile, fast at that size);
+  larger groups from `kth_keys`' counting passes, which never sort or concatenate the model. The masks take
+  one more pass: ties at the k-th key are split with the per-leaf counts the search kept, and only the one
+  leaf per group where the split falls ranks its ties (inside one row).
   """
   key_fn = key_fn or (lambda u: u)
-  k = jnp.asarray(k, jnp.int32)
-  total = sum(int(jax.tree.leaves(u)[0].size) for u in units)
-  if total <= _SORT_MAX:
-    xs = [key_fn(u) for u in units]
-    flat = jnp.concatenate([_replicated(x).reshape(-1) for x in xs])
-    hi = jnp.sort(flat)[jnp.clip(k - 1, 0, total - 1)]
-    masks = _tie_masks(units, key_fn, hi, k - jnp.sum(flat < hi, dtype=jnp.int32))
-    return [jnp.where(k > 0, m, True) for m in masks]
-  st = kth_key(units, k, key_fn)
-  hi, r = st.hi, k - st.c_lo  # r: how many entries in (lo, hi] (all equal to hi on a partial tie) to prune
-
-  def exact(_):
-    return [key_fn(u) > hi for u in units]
-
-  def partial_tie(_):
-    return _tie_masks(units, key_fn, hi, r)
-
-  masks = jax.lax.cond(st.c_hi == k, exact, partial_tie, None)
-  return [jnp.where(k > 0, m, True) for m in masks]
+  ks = [jnp.asarray(k, jnp.int32) for k in ks]
+  totals = [sum(int(jax.tree.leaves(u)[0].size) for u in grp) for grp in groups]
+  out: list = [None] * len(groups)
+  big = [g for g, t in enumerate(totals) if t > _SORT_MAX]
+  for g, (grp, k, total) in enumerate(zip(groups, ks, totals)):
+    if total <= _SORT_MAX:
+      xs = [key_fn(u) for u in grp]
+      flat = jnp.concatenate([_replicated(x).reshape(-1) for x in xs])
+      hi = jnp.sort(flat)[jnp.clip(k - 1, 0, total - 1)]
+      masks = _tie_masks(grp, key_fn, hi, k - jnp.sum(flat < hi, dtype=jnp.int32))
+      out[g] = [jnp.where(k > 0, m, True) for m in masks]
+  if big:
+    st = kth_keys([groups[g] for g in big], [ks[g] for g in big], key_fn)
+    leaf = 0
+    for j, g in enumerate(big):
+      hi, k, exact = st.hi[j], ks[g], st.c_hi[j] == ks[g]
+      r = k - st.c_lo[j]           # entries in (lo, hi] = {hi} to prune when not exact
+      masks, before = [], jnp.int32(0)
+      for u in groups[g]:
+        ties = st.n_hi[leaf] - st.n_lo[leaf]
+        r_leaf = jnp.clip(r - before, 0, ties)
+        straddles = ~exact & (r_leaf > 0) & (r_leaf < ties)
+        m = jax.lax.cond(straddles, lambda u=u, r_leaf=r_leaf, hi=hi: _straddle(key_fn(u), hi, r_leaf),
+                         lambda u=u, r_leaf=r_leaf, hi=hi, exact=exact:
+                         _all_or_no_ties(key_fn(u), hi, jnp.where(exact, 1, r_leaf)))
+        masks.append(jnp.where(k > 0, m, True))
+        before, leaf = before + ties, leaf + 1
+      out[g] = masks
+  return out
 
 
 def _tie_masks(units: Sequence[Any], key_fn, hi: jax.Array, r: jax.Array) -> list[jax.Array]:
@@ -272,7 +336,7 @@ def _tie_masks(units: Sequence[Any], key_fn, hi: jax.Array, r: jax.Array) -> lis
   row-major) pruned. Ties are counted per leaf (one pass); a leaf whose ties all fall before / after the r-th
   keeps (x > hi) / (x >= hi); only the one leaf where the r-th tie falls ranks its ties, inside one row.
   Keys are computed inside each pass and each branch from the units (never passed around as stored trees)."""
-  counts = [jnp.sum(key_fn(u) == hi, dtype=jnp.int32) for u in units]
+  counts = [_count_packed([key_fn(u) == hi])[0] for u in units]
   out, before = [], jnp.int32(0)
   for u, c in zip(units, counts):
     r_leaf = jnp.clip(r - before, 0, c)
@@ -299,7 +363,7 @@ def _straddle(key: jax.Array, hi: jax.Array, r: jax.Array) -> jax.Array:
   cols = _chunk(n, 4096)
   x2 = x.reshape(n // cols, cols)
   eq = x2 == hi
-  row_counts = jnp.sum(eq, axis=1, dtype=jnp.int32)
+  row_counts = _count_packed([eq], lead=1)[0]
   ends = jnp.cumsum(row_counts)                     # ties in rows <= i
   j = jnp.sum(ends <= r, dtype=jnp.int32)           # rows before j: all their ties pruned; j holds the r-th
   start = ends[j] - row_counts[j]

@@ -225,9 +225,11 @@ def _prune_units(out, units, sizes, shapes, sparsity, g, scope, key_fn):
       keeps = _kth.prune_lowest([units[i] for i in idx], _kth.count_k(sparsity, sum(sizes[i] for i in idx)), key_fn)
       for i, kp in zip(idx, keeps):
         out[i] = g.expand(kp, shapes[i])
-  else:
-    for i, u in units.items():
-      kp, = _kth.prune_lowest([u], _kth.count_k(sparsity[i], sizes[i]), key_fn)
+  else:   # one search for all leaves, each with its own count
+    idx = list(units)
+    keeps = _kth.prune_lowest_groups([[units[i]] for i in idx], [_kth.count_k(sparsity[i], sizes[i]) for i in idx],
+                                     key_fn)
+    for i, (kp,) in zip(idx, keeps):
       out[i] = g.expand(kp, shapes[i])
   return out
 
