@@ -261,8 +261,8 @@ def kth_keys(groups: Sequence[Sequence[Any]], ks, key_fn=None) -> _Search:
     n_lo = jnp.take_along_axis(la, i_lo[gid][:, None], axis=1)[:, 0]
     n_hi = jnp.take_along_axis(la, i_hi[gid][:, None], axis=1)[:, 0]
     on = active(st)   # converged groups keep their state
-    return _Search(*(jnp.where(on, getattr(new, f), getattr(st, f)) for f in _GROUP_FIELDS),
-                   jnp.where(on[gid], n_lo, st.n_lo), jnp.where(on[gid], n_hi, st.n_hi))
+    return new._replace(**{f: jnp.where(on, getattr(new, f), getattr(st, f)) for f in _GROUP_FIELDS},
+                        n_lo=jnp.where(on[gid], n_lo, st.n_lo), n_hi=jnp.where(on[gid], n_hi, st.n_hi))
 
   def cond(st: _Search):
     return jnp.any(active(st))
