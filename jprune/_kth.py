@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple, Sequence
 
 import jax
+import jax.extend as jex
 import jax.numpy as jnp
 import numpy as np
 
@@ -25,7 +26,6 @@ from jprune import _tree
 _INT_MIN = np.iinfo(np.int32).min
 _INT_MAX = np.iinfo(np.int32).max
 _PRUNED_KEY = _INT_MIN + 1   # key of already-pruned entries: below every real score
-_UNROLLED = 5                # passes after the first, each skipped once the search has converged
 _SAMPLE = 1 << 15            # size of the strided sample that seeds the search (shared by the groups)
 _SAMPLE_MIN = 1 << 11        # the least sample per group
 _SORT_MAX = 1 << 14          # up to this many entries in one top-k, one sort finds the k-th key
@@ -46,6 +46,11 @@ def _unit_key(unit):
   s, prior = unit
   k = _keys(s)
   return k if prior is None else jnp.where(prior, k, jnp.int32(_PRUNED_KEY))
+
+
+def _unit_size(u) -> int:
+  """Entries of a unit: an array, a `(scores, prior)` tuple, or an object with a `size` (lazy scores)."""
+  return int(u.size) if hasattr(u, "size") else int(jax.tree.leaves(u)[0].size)
 
 
 def _u32(x):
@@ -87,8 +92,13 @@ def _count_packed(preds, lead: int = 0) -> jax.Array:
     group = preds[w:w + 4]
     lanes = sum((p.astype(jnp.uint32) << (8 * j) for j, p in enumerate(group)), jnp.zeros((), jnp.uint32))
     part = jnp.sum(lanes.reshape(*p0.shape[:-1], d // c, c), axis=-1, dtype=jnp.uint32)
-    out += [jnp.sum(((part >> (8 * j)) & 255).astype(jnp.int32), axis=axes) for j in range(len(group))]
-  return jnp.stack(out)
+    if lead == 0:   # one reduction splits all four bytes (one kernel, not four)
+      shifts = (jnp.arange(len(group), dtype=jnp.uint32) * 8).reshape((1,) * part.ndim + (len(group),))
+      out.append(jnp.sum(((part[..., None] >> shifts) & 255).astype(jnp.int32), axis=tuple(range(part.ndim))))
+    else:
+      out.append(jnp.stack([jnp.sum(((part >> (8 * j)) & 255).astype(jnp.int32), axis=tuple(range(lead, part.ndim)))
+                            for j in range(len(group))]))
+  return jnp.concatenate(out)
 
 
 def _count_le(key: jax.Array, xs: jax.Array) -> jax.Array:
@@ -200,7 +210,7 @@ def kth_keys(groups: Sequence[Sequence[Any]], ks, key_fn=None) -> _Search:
   n_groups = len(groups)
   units = [u for grp in groups for u in grp]
   gid = np.concatenate([np.full(len(grp), g, np.int32) for g, grp in enumerate(groups)])
-  sizes = np.array([int(jax.tree.leaves(u)[0].size) for u in units], np.int64)
+  sizes = np.array([_unit_size(u) for u in units], np.int64)
   totals = np.zeros(n_groups, np.int64)
   np.add.at(totals, gid, sizes)
   ks = jnp.stack([jnp.asarray(k, jnp.int32).reshape(()) for k in ks]) if isinstance(ks, (list, tuple)) \
@@ -252,32 +262,37 @@ def kth_keys(groups: Sequence[Sequence[Any]], ks, key_fn=None) -> _Search:
   def active(st: _Search):
     return (_u32(st.hi - st.lo) > 1) & (st.c_hi != ks) & (ks > 0)
 
-  def body(st: _Search) -> _Search:
+  # Keys as a program of explicit operands (the units' arrays and every array `key_fn` closes over), so each
+  # pass can take them through an optimization barrier: otherwise XLA hoists the loop-invariant key computation
+  # out of the loop and materializes every leaf's keys (params-sized fresh buffers, whose page faults cost as
+  # much as the whole search).
+  flat, treedef = jax.tree.flatten(units)
+  keys_jaxpr = jax.make_jaxpr(lambda *fl: [key_fn(u) for u in jax.tree.unflatten(treedef, fl)])(*flat)
+
+  def body(carry):
+    st, fl, consts = carry
+    fl, consts = jax.lax.optimization_barrier((fl, consts))
+    keys = jex.core.jaxpr_as_fun(jex.core.ClosedJaxpr(keys_jaxpr.jaxpr, consts))(*fl)
     xs = jax.vmap(probes)(per_group(st), sample, ns.astype(np.float32), q, sd_q, target)   # (G, 4)
-    cnt = jnp.stack([_count_le(key_fn(u), xs[g]) for u, g in zip(units, gid)])        # (L, 4)
+    cnt = jnp.stack([_count_le(kk, xs[g]) for kk, g in zip(keys, gid)])                # (L, 4)
     cs = cnt.sum(0, keepdims=True) if n_groups == 1 else jax.ops.segment_sum(cnt, gid, n_groups)
     new, i_lo, i_hi = jax.vmap(update)(per_group(st), xs, cs, ks)
     la = jnp.concatenate([st.n_lo[:, None], cnt, st.n_hi[:, None]], axis=1)           # (L, 6), sorted as xa
     n_lo = jnp.take_along_axis(la, i_lo[gid][:, None], axis=1)[:, 0]
     n_hi = jnp.take_along_axis(la, i_hi[gid][:, None], axis=1)[:, 0]
     on = active(st)   # converged groups keep their state
-    return new._replace(**{f: jnp.where(on, getattr(new, f), getattr(st, f)) for f in _GROUP_FIELDS},
-                        n_lo=jnp.where(on[gid], n_lo, st.n_lo), n_hi=jnp.where(on[gid], n_hi, st.n_hi))
+    st = new._replace(**{f: jnp.where(on, getattr(new, f), getattr(st, f)) for f in _GROUP_FIELDS},
+                      n_lo=jnp.where(on[gid], n_lo, st.n_lo), n_hi=jnp.where(on[gid], n_hi, st.n_hi))
+    return st, fl, consts
 
-  def cond(st: _Search):
-    return jnp.any(active(st))
+  def cond(carry):
+    return jnp.any(active(carry[0]))
 
   z = jnp.zeros(n_groups, jnp.int32)
   init = _Search(z + _INT_MIN, z + _INT_MAX, z, jnp.asarray(totals, jnp.int32), z, z - 1, z, z,
                  jnp.zeros(len(units), jnp.int32), jnp.asarray(sizes, jnp.int32))
-  # The first pass sits in a cond whose predicate XLA cannot fold (the sample is sorted, so it holds): inlined at
-  # the top level, its count would share the keys the sample is cut from, and XLA would materialize every
-  # leaf's keys — fresh buffers whose page faults cost as much as the whole search.
-  st = jax.lax.cond(cond(init) & jnp.all(sample[:, -1] >= sample[:, 0]), body, lambda s: s, init)
-  for _ in range(_UNROLLED):  # passes that skip themselves once the search has converged
-    st = jax.lax.cond(cond(st), body, lambda s: s, st)
-  # the loop (rarely entered) sits behind a cond: a while loop in the graph can cost a copy of its operands
-  return jax.lax.cond(cond(st), lambda s: jax.lax.while_loop(cond, body, s), lambda s: s, st)
+  # one loop body for every pass: the program (and its compile time) does not grow with the passes
+  return jax.lax.while_loop(cond, body, (init, list(flat), list(keys_jaxpr.consts)))[0]
 
 
 def kth_key(units: Sequence[Any], k, key_fn=None) -> _Search:
@@ -301,7 +316,7 @@ def prune_lowest_groups(groups: Sequence[Sequence[Any]], ks: Sequence[Any], key_
   """
   key_fn = key_fn or (lambda u: u)
   ks = [jnp.asarray(k, jnp.int32) for k in ks]
-  totals = [sum(int(jax.tree.leaves(u)[0].size) for u in grp) for grp in groups]
+  totals = [sum(_unit_size(u) for u in grp) for grp in groups]
   out: list = [None] * len(groups)
   big = [g for g, t in enumerate(totals) if t > _SORT_MAX]
   for g, (grp, k, total) in enumerate(zip(groups, ks, totals)):

@@ -132,11 +132,19 @@ def topk(scores: PyTree, sparsity: Sparsity, *, where: Where = None, scope: str 
   return jax.tree.unflatten(treedef, out)
 
 
+@jax.tree_util.register_pytree_node_class
 class _LazyUnit:
   """One selected leaf of scores that are never stored: `key_fn` recomputes them inside each counting pass."""
 
   def __init__(self, index: int, prior, size: int):
     self.index, self.prior, self.size = index, prior, size
+
+  def tree_flatten(self):
+    return (self.prior,), (self.index, self.size)
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    return cls(aux[0], children[0], aux[1])
 
 
 def topk_of(score_fn, inputs: tuple, sparsity: Sparsity, *, where: Where = None, scope: str = "layer",
