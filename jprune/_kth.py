@@ -140,7 +140,8 @@ _GROUP_FIELDS = _Search._fields[:-2]
 
 _SAMPLE_SD = (-2.5, -0.8, 0.8, 2.5)  # first pass: sample quantiles at q + a·sd(q), sd(q) the sample's
 _COUNT_SD = (-2.0, -0.5, 0.5, 2.0)   # later passes: the key expected to have count k + a·sd, sd the bracket's
-_QUARTERS = (0.25, 0.5, 0.75)        # after two stalls: key-space quarters, plus hi - 1 (resolves a tie at hi)
+_QUARTERS = (0.25, 0.5, 0.75)        # after _STALLS stalls: key-space quarters, plus hi - 1 (resolves a tie at hi)
+_STALLS = 2
 
 
 def _values(key: jax.Array) -> jax.Array:
@@ -237,7 +238,7 @@ def kth_keys(groups: Sequence[Sequence[Any]], ks, key_fn=None) -> _Search:
     quarters = st.lo + _i32(_offsets(jnp.array(_QUARTERS, jnp.float32), width))
     stalled = jnp.concatenate([quarters, (st.hi - 1)[None]])
     small = st.lo + _i32(jnp.minimum(jnp.arange(1, 5, dtype=jnp.uint32), width - 1))
-    later = jnp.where(width <= 5, small, jnp.where(st.stall >= 2, stalled, interp))
+    later = jnp.where(width <= 5, small, jnp.where(st.stall >= _STALLS, stalled, interp))
     return jnp.sort(jnp.where(st.it == 0, first, later))
 
   def update(st: _Search, xs, cs, k):   # one group: the new bracket and which of the 6 counts its ends are
@@ -254,7 +255,7 @@ def kth_keys(groups: Sequence[Sequence[Any]], ks, key_fn=None) -> _Search:
     x_n = jnp.where(use_below, xa[below], xa[above])
     c_n = jnp.where(use_below | has_above, jnp.where(use_below, ca[below], ca[above]), -1)
     shrunk = (4 * (c_hi - c_lo) <= st.c_hi - st.c_lo) | (c_hi - c_lo <= 16)  # few entries left: luck, not a stall
-    stall = jnp.where(shrunk | (st.stall >= 2), 0, st.stall + 1)
+    stall = jnp.where(shrunk | (st.stall >= _STALLS), 0, st.stall + 1)
     return (_Search(lo, hi, c_lo, c_hi, x_n, c_n, stall, st.it + 1, st.n_lo, st.n_hi), i_lo, i_hi)
 
   per_group = lambda st: st._replace(n_lo=jnp.zeros(n_groups), n_hi=jnp.zeros(n_groups))
