@@ -157,7 +157,10 @@ def _offsets(frac, width):
 
 
 def _interpolate(st: _Search, c: jax.Array) -> jax.Array:
-  """Keys expected to have counts `c` (in [c_lo, c_hi]), strictly inside the bracket.
+  """Keys expected to have counts `c_lo + c` (`c` in [0, c_hi - c_lo]), strictly inside the bracket.
+
+  Counts are taken relative to c_lo: float32 cannot tell apart counts above 2^24 that differ by less than
+  their ulp (8 at 10^8), which made every probe of a narrow bracket of a large tree collapse onto lo + 1.
 
   Inverse quadratic interpolation of value(count) through the bracket ends and the neighbouring probe, in
   value space (keys are log-like across exponents and jump at zero); linear where that fails, and linear in
@@ -165,7 +168,7 @@ def _interpolate(st: _Search, c: jax.Array) -> jax.Array:
   """
   width = _u32(st.hi - st.lo)
   f = lambda x: x.astype(jnp.float32)
-  c0, c1, cn = f(st.c_lo), f(st.c_hi), f(st.c_n)
+  c0, c1, cn = jnp.float32(0.0), f(st.c_hi - st.c_lo), f(st.c_n - st.c_lo)
   v0, v1, vn = _values(st.lo), _values(st.hi), _values(st.x_n)
   lin_v = v0 + (c - c0) / (c1 - c0) * (v1 - v0)
   quad_v = (v0 * (c - c1) * (c - cn) / ((c0 - c1) * (c0 - cn)) + v1 * (c - c0) * (c - cn) / ((c1 - c0) * (c1 - cn))
@@ -230,17 +233,17 @@ def kth_keys(groups: Sequence[Sequence[Any]], ks, key_fn=None) -> _Search:
                     axis=1)
   q = ks.astype(jnp.float32) / totals.astype(np.float32)
   sd_q = jnp.sqrt(q * (1.0 - q) / ns.astype(np.float32))
-  target = ks.astype(jnp.float32) + 0.5
   a_sample, a_count = jnp.array(_SAMPLE_SD, jnp.float32), jnp.array(_COUNT_SD, jnp.float32)
 
-  def probes(st: _Search, sample, ns, q, sd_q, target) -> jax.Array:   # one group
+  def probes(st: _Search, sample, ns, q, sd_q, k) -> jax.Array:   # one group
     width = _u32(st.hi - st.lo)  # >= 2
     pos = jnp.clip(jnp.round((q + a_sample * sd_q) * ns + a_sample), 0, ns - 1).astype(jnp.int32)
     first = sample[pos]
     b = (st.c_hi - st.c_lo).astype(jnp.float32)
-    p = jnp.clip((target - st.c_lo.astype(jnp.float32)) / b, 0.0, 1.0)
+    target = (k - st.c_lo).astype(jnp.float32) + 0.5   # relative to c_lo (float32 is exact there)
+    p = jnp.clip(target / b, 0.0, 1.0)
     sd = (jnp.sqrt(b * p * (1.0 - p)) + 0.5) * jnp.float32(4.0) ** st.stall.astype(jnp.float32)
-    c = jnp.clip(target + a_count * sd, st.c_lo.astype(jnp.float32), b + st.c_lo.astype(jnp.float32))
+    c = jnp.clip(target + a_count * sd, 0.0, b)
     interp = _interpolate(st, c)
     quarters = st.lo + _i32(_offsets(jnp.array(_QUARTERS, jnp.float32), width))
     stalled = jnp.concatenate([quarters, (st.hi - 1)[None]])
@@ -281,7 +284,7 @@ def kth_keys(groups: Sequence[Sequence[Any]], ks, key_fn=None) -> _Search:
     st, fl, consts = carry
     fl, consts = jax.lax.optimization_barrier((fl, consts))
     keys = jex.core.jaxpr_as_fun(jex.core.ClosedJaxpr(keys_jaxpr.jaxpr, consts))(*fl)
-    xs = jax.vmap(probes)(per_group(st), sample, ns.astype(np.float32), q, sd_q, target)   # (G, 4)
+    xs = jax.vmap(probes)(per_group(st), sample, ns.astype(np.float32), q, sd_q, ks)   # (G, 4)
     cnt = jnp.stack([_count_le(kk, xs[g]) for kk, g in zip(keys, gid)])                # (L, 4)
     cs = cnt.sum(0, keepdims=True) if n_groups == 1 else jax.ops.segment_sum(cnt, gid, n_groups)
     new, i_lo, i_hi = jax.vmap(update)(per_group(st), xs, cs, ks)
