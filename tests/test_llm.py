@@ -61,11 +61,17 @@ def test_nm_exact_along_input_axis(tiny, method, n, m):
     assert np.all(groups == n), p
 
 
+@pytest.mark.parametrize("tiles", [1, 3])
 @pytest.mark.parametrize("kind", ["continuous", "ties", "zeros", "signed-nan-inf"])
-def test_per_output_mask_prunes_exactly_the_k_lowest_of_every_column(kind):
-  """Wanda's per-output choice against numpy: a stable argsort of each column's order-preserving keys."""
+def test_per_output_mask_prunes_exactly_the_k_lowest_of_every_column(kind, tiles, monkeypatch):
+  """Wanda's per-output choice against numpy: a stable argsort of each column's order-preserving keys. With
+  tiles=3 the columns are taken 3 at a time (7 columns: tiles 0-2, 3-5 and an overlapping 4-6)."""
+  import importlib
   from jprune import masks as M
-  from jprune.llm.prune import _per_output_mask
+  P = importlib.import_module("jprune.llm.prune")   # the module (jprune.llm.prune is also the function)
+  if tiles > 1:
+    monkeypatch.setattr(P, "_TILE_BYTES", 4 * 300 * 3)
+  P._per_output_mask.clear_cache()   # traced with the tile size above
   rng = np.random.default_rng(3)
   x = rng.standard_normal((300, 7)).astype(np.float32)
   if kind != "signed-nan-inf":
@@ -84,7 +90,8 @@ def test_per_output_mask_prunes_exactly_the_k_lowest_of_every_column(kind):
     want = np.ones(x.shape, bool)
     for c in range(x.shape[1]):
       want[np.argsort(keys[:, c], kind="stable")[:k], c] = False
-    np.testing.assert_array_equal(np.asarray(_per_output_mask(jnp.asarray(x), k=k)), want, err_msg=f"k={k}")
+    np.testing.assert_array_equal(np.asarray(P._per_output_mask(jnp.asarray(x), k=k)), want, err_msg=f"k={k}")
+  P._per_output_mask.clear_cache()
 
 
 def test_sparsegpt_reconstructs_better_than_magnitude_and_wanda():

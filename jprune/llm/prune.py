@@ -66,38 +66,59 @@ def _stages(cfg: LlamaConfig):
   return fns
 
 
+_TILE_BYTES = 1 << 21   # columns per tile of `_per_output_mask`: about 2 MB of keys, so its passes run in cache
+
+
 @jax.jit(static_argnames=("k",))
 def _per_output_mask(score: jax.Array, k: int) -> jax.Array:
   """Keep-mask pruning exactly the k lowest scores of every output column (kernel (in, out)); ties by row index.
 
   All columns at once, by counting passes only (no sort, no cumsum): 32 passes fix the k-th smallest key of each
   column bit by bit (keys are the scores' order-preserving integers), and where ties straddle it, log2(in)
-  passes more find the row of each column's last pruned tie.
+  passes more find the row of each column's last pruned tie. The columns are taken a tile of ~2 MB at a time, so
+  all the passes over a tile read it from cache: a 7B model's (4096, 11008) kernel would otherwise stream its
+  180 MB from memory 32 times (0.82 s -> 0.14 s on 2 cores), and the time per entry would grow with the kernel.
+  Counts are uint16 where the column is shorter than 2^16 (a bool -> int32 sum costs about twice as much).
   """
+  rows, cols = score.shape
   if k == 0:
     return jnp.ones(score.shape, bool)
-  u = jax.lax.bitcast_convert_type(_kth.keys(score), jnp.uint32) ^ jnp.uint32(0x80000000)   # unsigned, same order
+  ctype = jnp.uint16 if rows < (1 << 16) else jnp.int32
+  count = lambda p: jnp.sum(p.astype(ctype), axis=0, dtype=ctype).astype(jnp.int32)   # per column
+  row = jnp.arange(rows, dtype=jnp.int32)[:, None]
+  n_bits = max(1, int(rows).bit_length())
 
-  def key_bit(i, v):   # v: per column, the largest key value with #(u < v) < k, built from the top bit down
-    bit = jnp.uint32(1) << (jnp.uint32(31) - i.astype(jnp.uint32))
-    below = jnp.sum(u < (v + bit)[None, :], axis=0, dtype=jnp.int32)
-    return jnp.where(below < k, v + bit, v)
+  def tile_mask(s):   # (rows, c) scores -> (rows, c) keep-mask
+    u = jax.lax.bitcast_convert_type(_kth.keys(s), jnp.uint32) ^ jnp.uint32(0x80000000)   # unsigned, same order
 
-  v = jax.lax.fori_loop(0, 32, key_bit, jnp.zeros(score.shape[1], jnp.uint32))[None, :]   # the k-th smallest
-  r = k - jnp.sum(u < v, axis=0, dtype=jnp.int32)          # ties at v to prune, per column (>= 1)
-  ties = jnp.sum(u == v, axis=0, dtype=jnp.int32)
-  rows = jnp.arange(score.shape[0], dtype=jnp.int32)[:, None]
-  n_bits = max(1, int(score.shape[0]).bit_length())
+    def key_bit(i, v):   # v: per column, the largest key value with #(u < v) < k, built from the top bit down
+      bit = jnp.uint32(1) << (jnp.uint32(31) - i.astype(jnp.uint32))
+      return jnp.where(count(u < (v + bit)[None, :]) < k, v + bit, v)
 
-  def straddle(_):
-    def row_bit(i, t):   # t: per column, the largest row with #(ties in rows < t) < r: the r-th tie's row
-      bit = jnp.int32(1) << (jnp.int32(n_bits - 1) - i)
-      c = jnp.sum((u == v) & (rows < (t + bit)[None, :]), axis=0, dtype=jnp.int32)
-      return jnp.where(c < r, t + bit, t)
-    t = jax.lax.fori_loop(0, n_bits, row_bit, jnp.zeros(score.shape[1], jnp.int32))[None, :]
-    return (u > v) | ((u == v) & (rows > t))
+    v = jax.lax.fori_loop(0, 32, key_bit, jnp.zeros(s.shape[1], jnp.uint32))[None, :]   # the k-th smallest
+    r = k - count(u < v)          # ties at v to prune, per column (>= 1)
+    ties = count(u == v)
 
-  return jax.lax.cond(jnp.any(r < ties), straddle, lambda _: u > v, None)
+    def straddle(_):
+      def row_bit(i, t):   # t: per column, the largest row with #(ties in rows < t) < r: the r-th tie's row
+        bit = jnp.int32(1) << (jnp.int32(n_bits - 1) - i)
+        return jnp.where(count((u == v) & (row < (t + bit)[None, :])) < r, t + bit, t)
+      t = jax.lax.fori_loop(0, n_bits, row_bit, jnp.zeros(s.shape[1], jnp.int32))[None, :]
+      return (u > v) | ((u == v) & (row > t))
+
+    return jax.lax.cond(jnp.any(r < ties), straddle, lambda _: u > v, None)
+
+  tile = max(1, min(cols, _TILE_BYTES // (4 * rows)))
+  n_tiles = -(-cols // tile)
+  if n_tiles == 1:
+    return tile_mask(score)
+
+  def body(i, keep):   # the last tile ends at the last column (it may overlap the one before: same result there)
+    start = jnp.minimum(i * tile, cols - tile)
+    part = tile_mask(jax.lax.dynamic_slice(score, (0, start), (rows, tile)))
+    return jax.lax.dynamic_update_slice(keep, part, (0, start))
+
+  return jax.lax.fori_loop(0, n_tiles, body, jnp.zeros(score.shape, bool))
 
 
 @jax.jit(static_argnames=("sparsity", "g", "compare"))
