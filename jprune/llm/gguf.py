@@ -17,7 +17,7 @@ import glob
 import importlib.util
 import os
 import tempfile
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -102,13 +102,13 @@ def _read(path: str) -> tuple[dict, dict, dict]:
   return meta, typed, tensors
 
 
-def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
+def _unpermute(w: Any, n_heads: int) -> Any:   # numpy or jax array
   """Undoes llama.cpp's q/k row permutation (interleaved RoPE pairs -> HF's rotate-half halves)."""
   out, d_in = w.shape
   return w.reshape(n_heads, out // n_heads // 2, 2, d_in).swapaxes(1, 2).reshape(out, d_in)
 
 
-def _permute(w: np.ndarray, n_heads: int) -> np.ndarray:
+def _permute(w: Any, n_heads: int) -> Any:   # numpy or jax array
   """llama.cpp's q/k row permutation (HF's rotate-half halves -> interleaved pairs); inverse of `_unpermute`."""
   out, d_in = w.shape
   return w.reshape(n_heads, 2, out // n_heads // 2, d_in).swapaxes(1, 2).reshape(out, d_in)
