@@ -350,3 +350,52 @@ def test_cli_llm_writes_report(tmp_path, capsys):
   assert "perplexity dense" in capsys.readouterr().out
   assert cli.main(["llm", "--gguf", path, "--sparsity", "1.5", "--out", str(out)]) == 1
   assert "sparsity" in capsys.readouterr().err
+
+
+def _sparsegpt_reference(w, h, sparsity, blocksize, percdamp=0.01):
+  """SparseGPT as the authors' reference code writes it (IST-DASLab/sparsegpt, `fasterprune`), in float64 numpy:
+  W (out, in); per block of columns the mask is the round(s * rows * block) lowest w^2 / [U]_cc^2 (stable order),
+  each column's error is spread over the block's later columns, then lazily over the remaining ones."""
+  w = np.asarray(w, np.float64).T.copy()
+  h = np.asarray(h, np.float64).copy()
+  rows, cols = w.shape
+  dead = np.diag(h) == 0
+  h[dead, dead] = 1
+  w[:, dead] = 0
+  h += percdamp * np.mean(np.diag(h)) * np.eye(cols)
+  u = np.linalg.cholesky(np.linalg.inv(h)).T
+  prune = np.zeros_like(w, bool)
+  for i1 in range(0, cols, blocksize):
+    i2 = i1 + blocksize
+    w1, u1 = w[:, i1:i2].copy(), u[i1:i2, i1:i2]
+    tmp = (w1 ** 2 / np.diag(u1)[None, :] ** 2).ravel()
+    p1 = np.zeros(tmp.size, bool)
+    p1[np.argsort(tmp, kind="stable")[:int(round(sparsity * tmp.size))]] = True
+    p1 = p1.reshape(w1.shape)
+    err1 = np.zeros_like(w1)
+    for i in range(blocksize):
+      q = np.where(p1[:, i], 0.0, w1[:, i])
+      err = (w1[:, i] - q) / u1[i, i]
+      w1[:, i:] -= err[:, None] * u1[i, i:][None, :]
+      err1[:, i] = err
+    w[:, i1:i2] = np.where(p1, 0.0, w1)
+    w[:, i2:] -= err1 @ u[i1:i2, i2:]
+    prune[:, i1:i2] = p1
+  return w.T, ~prune.T
+
+
+def test_sparsegpt_matches_the_reference_algorithm():
+  """llm.sparsegpt (float32, counting-pass selection) against the authors' algorithm in float64 numpy: the same
+  masks, and weights equal to float32 precision; a dead input (zero Hessian row) is zeroed."""
+  rng = np.random.default_rng(1)
+  d_in, d_out, tokens = 96, 40, 400
+  x = (rng.standard_normal((tokens, d_in)) @ (rng.standard_normal((d_in, d_in)) * rng.uniform(0.2, 2.0, d_in)))
+  x[:, 5] = 0   # a dead input
+  w = rng.standard_normal((d_in, d_out))
+  h = x.T @ x
+  for sparsity, bs in ((0.5, 16), (0.7, 32), (0.5, 96)):
+    want_w, want_keep = _sparsegpt_reference(w, h, sparsity, bs)
+    got_w, got_keep = llm.sparsegpt(jnp.asarray(w, jnp.float32), jnp.asarray(h, jnp.float32), sparsity, 0, 0, bs)
+    np.testing.assert_array_equal(np.asarray(got_keep), want_keep, err_msg=f"sparsity {sparsity}, block {bs}")
+    np.testing.assert_allclose(np.asarray(got_w), want_w, rtol=0, atol=2e-4 * np.abs(want_w).max())
+    assert not np.asarray(got_keep)[5].any()

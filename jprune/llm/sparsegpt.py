@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jprune import _kth
+
 
 @jax.jit(static_argnames=("n", "m", "blocksize", "sparsity"))
 def sparsegpt(kernel: jax.Array, hessian: jax.Array, sparsity: float = 0.5, n: int = 0, m: int = 0,
@@ -23,9 +25,11 @@ def sparsegpt(kernel: jax.Array, hessian: jax.Array, sparsity: float = 0.5, n: i
   h = h + jnp.diag(dead.astype(jnp.float32))
   w = jnp.where(dead[None, :], 0.0, w)
   h = h + percdamp * jnp.mean(jnp.diag(h)) * jnp.eye(cols, dtype=jnp.float32)
-  chol = jnp.linalg.cholesky(h)
-  hinv = jax.scipy.linalg.cho_solve((chol, True), jnp.eye(cols, dtype=jnp.float32))
-  u = jnp.linalg.cholesky(hinv).T          # upper: H⁻¹ = uᵀ u
+  # u upper with H⁻¹ = uᵀ u (the Cholesky factor of H⁻¹, transposed) without forming H⁻¹: the Cholesky factor of
+  # H with rows and columns reversed, reversed back, is upper R with H = R Rᵀ, so u = R⁻¹ (one factorization and
+  # one triangular solve instead of two factorizations and a full solve: half the time at 8192 inputs)
+  r = jnp.linalg.cholesky(h[::-1, ::-1])[::-1, ::-1]
+  u = jax.scipy.linalg.solve_triangular(r, jnp.eye(cols, dtype=jnp.float32), lower=False)
   bs = blocksize
   col = jnp.arange(cols)
   k_block = int(round(sparsity * rows * bs))
@@ -38,10 +42,9 @@ def sparsegpt(kernel: jax.Array, hessian: jax.Array, sparsity: float = 0.5, n: i
     d = jnp.diag(u1)
     if n:
       p1 = jnp.zeros((rows, bs), bool)
-    else:
-      tmp = (w1 * w1 / (d * d)[None, :]).reshape(-1)
-      order = jnp.argsort(tmp, stable=True)
-      p1 = jnp.zeros(rows * bs, bool).at[order[:k_block]].set(True).reshape(rows, bs)
+    else:   # the k_block lowest, ties in flat order (as a stable argsort would), by counting passes: sorting
+      keep, = _kth.prune_lowest([(w1 * w1 / (d * d)[None, :], None)], k_block, _kth.unit_key)   # cost 5x more
+      p1 = ~keep
 
     def col_step(i, c):
       w1, p1, err1 = c
