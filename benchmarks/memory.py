@@ -5,8 +5,11 @@ For each tree (LeNet-300-100; SmolLM2-135M's parameter shapes, 135M float32 entr
 training loop does) and measured two ways:
 - XLA's `compiled.memory_analysis()`: arguments + outputs + temporaries − aliased (donated) bytes, i.e. what the
   program needs at its peak, and the temporaries alone;
-- peak RSS of a fresh process that builds the params, the optimizer state and the gradients, and runs 3 steps
-  (VmHWM from /proc/self/status), minus the RSS after `import jax, jprune` (the interpreter and libraries).
+- peak RSS of a fresh process that compiles the step, then builds the params, the optimizer state and the
+  gradients, and runs 3 steps (VmHWM from /proc/self/status), minus the RSS after `import jax, jprune` (the
+  interpreter and libraries); split into what the process keeps after compiling (the compiler's memory and the
+  executable: `compile_rss_bytes`) and the peak above that while the arrays are built and the step runs
+  (`run_rss_bytes`, `run_rss_ratio`).
 The gradients are an argument, so the model's forward/backward (the same in both) is left out: the comparison is
 the optimizer's own cost. `pruned` uses magnitude scores, global scope and a polynomial schedule whose first mask
 update is at step 0 (the step measured runs the k-th-key search and builds masks).
@@ -37,19 +40,21 @@ tree, kind, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
 sys.path.insert(0, sys.argv[4])
 from memory import shapes, optimizer
 shp = shapes(tree)
+tx = optimizer(kind)
+step = jax.jit(lambda p, s, g: (lambda u_s: (optax.apply_updates(p, u_s[0]), u_s[1]))(tx.update(g, s, p)),
+               donate_argnums=(0, 1))
+step = step.lower(shp, jax.eval_shape(tx.init, shp), shp).compile()   # first, alone: the compiler's memory
+compiled_rss, compile_peak = status("VmRSS"), status("VmHWM")
 keys = jax.random.split(jax.random.key(0), len(jax.tree.leaves(shp)))
 leaves = [jax.random.normal(k, s.shape, jnp.float32) * 0.02 for k, s in zip(keys, jax.tree.leaves(shp))]
 params = jax.tree.unflatten(jax.tree.structure(shp), leaves)
 grads = jax.tree.map(lambda p: p * 0.1, params)
-tx = optimizer(kind)
 state = jax.jit(tx.init)(params)
-step = jax.jit(lambda p, s, g: (lambda u_s: (optax.apply_updates(p, u_s[0]), u_s[1]))(tx.update(g, s, p)),
-               donate_argnums=(0, 1))
 for _ in range(steps):
   params, state = step(params, state, grads)
 jax.block_until_ready(params)
 peak = status("VmHWM")
-print(json.dumps({"peak_rss": peak, "base_rss": base}))
+print(json.dumps({"peak_rss": peak, "base_rss": base, "compiled_rss": compiled_rss, "compile_peak": compile_peak}))
 """
 
 
@@ -94,7 +99,9 @@ def rss(tree: str, kind: str, steps: int = 3) -> dict:
   if out.returncode != 0:
     raise RuntimeError(out.stderr[-2000:])
   r = json.loads(out.stdout.strip().splitlines()[-1])
-  return {"peak_rss_bytes": r["peak_rss"], "rss_above_imports_bytes": r["peak_rss"] - r["base_rss"]}
+  return {"peak_rss_bytes": r["peak_rss"], "rss_above_imports_bytes": r["peak_rss"] - r["base_rss"],
+          "compile_rss_bytes": r["compiled_rss"] - r["base_rss"], "compile_peak_rss_bytes": r["compile_peak"] - r["base_rss"],
+          "run_rss_bytes": r["peak_rss"] - r["compiled_rss"]}
 
 
 def main():
@@ -108,13 +115,16 @@ def main():
     a, p = got["adam"], got["pruned"]
     row = {"tree": tree, "adam": a, "pruned": p,
            "xla_ratio": p["xla_total_bytes"] / a["xla_total_bytes"],
-           "rss_ratio": p["rss_above_imports_bytes"] / a["rss_above_imports_bytes"]}
+           "rss_ratio": p["rss_above_imports_bytes"] / a["rss_above_imports_bytes"],
+           "run_rss_ratio": p["run_rss_bytes"] / a["run_rss_bytes"]}
     rows.append(row)
     print(f"{tree}: params {a['param_bytes'] / 2**20:.1f} MiB | XLA peak adam {a['xla_total_bytes'] / 2**20:.1f} MiB, "
           f"pruned {p['xla_total_bytes'] / 2**20:.1f} MiB (x{row['xla_ratio']:.3f}; temporaries "
           f"{a['xla_temp_bytes'] / 2**20:.1f} vs {p['xla_temp_bytes'] / 2**20:.1f} MiB) | RSS above imports adam "
           f"{a['rss_above_imports_bytes'] / 2**20:.0f} MiB, pruned {p['rss_above_imports_bytes'] / 2**20:.0f} MiB "
-          f"(x{row['rss_ratio']:.3f})", flush=True)
+          f"(x{row['rss_ratio']:.3f}), of which the compiler keeps {a['compile_rss_bytes'] / 2**20:.0f} / "
+          f"{p['compile_rss_bytes'] / 2**20:.0f} MiB; running the step {a['run_rss_bytes'] / 2**20:.0f} / "
+          f"{p['run_rss_bytes'] / 2**20:.0f} MiB (x{row['run_rss_ratio']:.3f})", flush=True)
   if args.trees == "lenet300,smollm2":
     print("wrote", _common.write("memory", {"rows": rows, "target_ratio": 1.3}))
 
