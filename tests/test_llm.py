@@ -366,14 +366,14 @@ def _sparsegpt_reference(w, h, sparsity, blocksize, percdamp=0.01):
   u = np.linalg.cholesky(np.linalg.inv(h)).T
   prune = np.zeros_like(w, bool)
   for i1 in range(0, cols, blocksize):
-    i2 = i1 + blocksize
+    i2 = min(i1 + blocksize, cols)
     w1, u1 = w[:, i1:i2].copy(), u[i1:i2, i1:i2]
     tmp = (w1 ** 2 / np.diag(u1)[None, :] ** 2).ravel()
     p1 = np.zeros(tmp.size, bool)
     p1[np.argsort(tmp, kind="stable")[:int(round(sparsity * tmp.size))]] = True
     p1 = p1.reshape(w1.shape)
     err1 = np.zeros_like(w1)
-    for i in range(blocksize):
+    for i in range(i2 - i1):
       q = np.where(p1[:, i], 0.0, w1[:, i])
       err = (w1[:, i] - q) / u1[i, i]
       w1[:, i:] -= err[:, None] * u1[i, i:][None, :]
@@ -393,9 +393,20 @@ def test_sparsegpt_matches_the_reference_algorithm():
   x[:, 5] = 0   # a dead input
   w = rng.standard_normal((d_in, d_out))
   h = x.T @ x
-  for sparsity, bs in ((0.5, 16), (0.7, 32), (0.5, 96)):
+  for sparsity, bs in ((0.5, 16), (0.7, 32), (0.5, 96), (0.5, 40), (0.6, 128)):   # 40, 128: a shorter last block
     want_w, want_keep = _sparsegpt_reference(w, h, sparsity, bs)
     got_w, got_keep = llm.sparsegpt(jnp.asarray(w, jnp.float32), jnp.asarray(h, jnp.float32), sparsity, 0, 0, bs)
     np.testing.assert_array_equal(np.asarray(got_keep), want_keep, err_msg=f"sparsity {sparsity}, block {bs}")
     np.testing.assert_allclose(np.asarray(got_w), want_w, rtol=0, atol=2e-4 * np.abs(want_w).max())
     assert not np.asarray(got_keep)[5].any()
+    assert abs((~want_keep).mean() - sparsity) < 0.01   # every column block pruned, the last one too
+
+
+def test_sparsegpt_bad_shapes_raise_one_clear_error():
+  w, h = jnp.ones((12, 4)), jnp.eye(12)
+  with pytest.raises(ValueError, match=r"Hessian must be \(in, in\) = \(12, 12\)"):
+    llm.sparsegpt(w, jnp.eye(10))
+  with pytest.raises(ValueError, match="multiples of m = 4 for 2:4"):
+    llm.sparsegpt(w, h, 0.5, 2, 4, 6)
+  with pytest.raises(ValueError, match="multiples of m = 8"):
+    llm.sparsegpt(w, h, 0.5, 2, 8, 8)

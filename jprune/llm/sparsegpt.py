@@ -16,10 +16,17 @@ def sparsegpt(kernel: jax.Array, hessian: jax.Array, sparsity: float = 0.5, n: i
   Columns of W = kernelᵀ (input features) are processed in blocks; inside a block, the mask is chosen by
   w² / [H⁻¹]²_cc (exactly round(s·rows·block) per block, or n of every m inputs for N:M), and each pruned
   column's error is spread over the not-yet-processed columns with the Cholesky factor of H⁻¹ (the OBS
-  update). Returns (new kernel, keep-mask), both (in, out).
+  update). The last block is shorter when `blocksize` does not divide the inputs (as in the authors' code).
+  Returns (new kernel, keep-mask), both (in, out).
   """
   w = kernel.T.astype(jnp.float32)
   rows, cols = w.shape
+  if blocksize < 1 or (n and (blocksize % m or cols % m)):
+    raise ValueError(f"sparsegpt: blocksize {blocksize} and the kernel's {cols} inputs must be positive"
+                     + (f" multiples of m = {m} for {n}:{m}" if n else "") + ".")
+  if hessian.shape != (cols, cols):
+    raise ValueError(f"sparsegpt: the Hessian must be (in, in) = ({cols}, {cols}) for a kernel of shape "
+                     f"{tuple(kernel.shape)}; got {tuple(hessian.shape)}.")
   h = hessian.astype(jnp.float32)
   dead = jnp.diag(h) == 0
   h = h + jnp.diag(dead.astype(jnp.float32))
@@ -30,13 +37,11 @@ def sparsegpt(kernel: jax.Array, hessian: jax.Array, sparsity: float = 0.5, n: i
   # one triangular solve instead of two factorizations and a full solve: half the time at 8192 inputs)
   r = jnp.linalg.cholesky(h[::-1, ::-1])[::-1, ::-1]
   u = jax.scipy.linalg.solve_triangular(r, jnp.eye(cols, dtype=jnp.float32), lower=False)
-  bs = blocksize
   col = jnp.arange(cols)
-  k_block = int(round(sparsity * rows * bs))
 
-  def block_step(b, carry):
+  def block_step(i1, bs, carry):   # columns [i1, i1 + bs), bs static
     w, prune = carry
-    i1 = b * bs
+    k_block = int(round(sparsity * rows * bs))
     w1 = jax.lax.dynamic_slice(w, (0, i1), (rows, bs))
     u1 = jax.lax.dynamic_slice(u, (i1, i1), (bs, bs))
     d = jnp.diag(u1)
@@ -69,5 +74,9 @@ def sparsegpt(kernel: jax.Array, hessian: jax.Array, sparsity: float = 0.5, n: i
     prune = jax.lax.dynamic_update_slice(prune, p1, (0, i1))
     return w, prune
 
-  w, prune = jax.lax.fori_loop(0, cols // bs, block_step, (w, jnp.zeros((rows, cols), bool)))
+  bs = min(blocksize, cols)
+  carry = jax.lax.fori_loop(0, cols // bs, lambda b, c: block_step(b * bs, bs, c), (w, jnp.zeros((rows, cols), bool)))
+  if cols % bs:   # the shorter last block
+    carry = block_step(cols - cols % bs, cols % bs, carry)
+  w, prune = carry
   return w.T.astype(kernel.dtype), ~prune.T
