@@ -410,3 +410,10 @@ def test_sparsegpt_bad_shapes_raise_one_clear_error():
     llm.sparsegpt(w, h, 0.5, 2, 4, 6)
   with pytest.raises(ValueError, match="multiples of m = 8"):
     llm.sparsegpt(w, h, 0.5, 2, 8, 8)
+  for sparsity in (1.5, -0.2):   # pruned everything / nothing without a word before
+    with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\), got"):
+      llm.sparsegpt(w, h, sparsity)
+  with pytest.raises(ValueError, match="0 < n <= m; got 5:4"):
+    llm.sparsegpt(w, h, 0.5, 5, 4)
+  with pytest.raises(ValueError, match="percdamp must be >= 0"):   # NaN weights before
+    llm.sparsegpt(w, h, 0.5, percdamp=-2.0)

@@ -5,10 +5,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jprune import _kth
+from jprune import _kth, _tree
 
 
-@jax.jit(static_argnames=("n", "m", "blocksize", "sparsity"))
 def sparsegpt(kernel: jax.Array, hessian: jax.Array, sparsity: float = 0.5, n: int = 0, m: int = 0,
               blocksize: int = 128, percdamp: float = 0.01) -> tuple[jax.Array, jax.Array]:
   """SparseGPT (Frantar & Alistarh 2023) on one Flax kernel (in, out) with H = Σ x xᵀ over its inputs.
@@ -19,14 +18,28 @@ def sparsegpt(kernel: jax.Array, hessian: jax.Array, sparsity: float = 0.5, n: i
   update). The last block is shorter when `blocksize` does not divide the inputs (as in the authors' code).
   Returns (new kernel, keep-mask), both (in, out).
   """
-  w = kernel.T.astype(jnp.float32)
-  rows, cols = w.shape
+  if jnp.ndim(kernel) != 2:
+    raise ValueError(f"sparsegpt: the kernel must be 2-D (in, out); got shape {tuple(jnp.shape(kernel))}.")
+  cols = kernel.shape[0]
+  if not n:
+    _tree.check_sparsity(sparsity, "sparsegpt: sparsity")
+  elif not 0 < n <= m:
+    raise ValueError(f"sparsegpt: N:M keeps n of every m inputs and needs 0 < n <= m; got {n}:{m}.")
+  if not _tree.is_traced(percdamp) and not float(percdamp) >= 0:   # it can make H indefinite: NaN weights
+    raise ValueError(f"sparsegpt: percdamp must be >= 0, got {percdamp}.")
   if blocksize < 1 or (n and (blocksize % m or cols % m)):
     raise ValueError(f"sparsegpt: blocksize {blocksize} and the kernel's {cols} inputs must be positive"
                      + (f" multiples of m = {m} for {n}:{m}" if n else "") + ".")
   if hessian.shape != (cols, cols):
     raise ValueError(f"sparsegpt: the Hessian must be (in, in) = ({cols}, {cols}) for a kernel of shape "
                      f"{tuple(kernel.shape)}; got {tuple(hessian.shape)}.")
+  return _sparsegpt(kernel, hessian, sparsity, n, m, blocksize, percdamp)
+
+
+@jax.jit(static_argnames=("n", "m", "blocksize", "sparsity"))
+def _sparsegpt(kernel, hessian, sparsity, n, m, blocksize, percdamp):
+  w = kernel.T.astype(jnp.float32)
+  rows, cols = w.shape
   h = hessian.astype(jnp.float32)
   dead = jnp.diag(h) == 0
   h = h + jnp.diag(dead.astype(jnp.float32))
