@@ -5,7 +5,7 @@ For each tree (LeNet-300-100; SmolLM2-135M's parameter shapes, 135M float32 entr
 training loop does) and measured two ways:
 - XLA's `compiled.memory_analysis()`: arguments + outputs + temporaries − aliased (donated) bytes, i.e. what the
   program needs at its peak, and the temporaries alone;
-- peak RSS of a fresh process that compiles the step, then builds the params, the optimizer state and the
+- peak RSS of the same fresh process, which compiles the step, then builds the params, the optimizer state and the
   gradients, and runs 3 steps (VmHWM from /proc/self/status), minus the RSS after `import jax, jprune` (the
   interpreter and libraries); split into what the process keeps after compiling (the compiler's memory and the
   executable: `compile_rss_bytes`) and the peak above that while the arrays are built and the step runs
@@ -14,7 +14,7 @@ The gradients are an argument, so the model's forward/backward (the same in both
 the optimizer's own cost. `pruned` uses magnitude scores, global scope and a polynomial schedule whose first mask
 update is at step 0 (the step measured runs the k-th-key search and builds masks).
 
-Run: python benchmarks/memory.py      (~2 minutes on 2 CPU cores) → benchmarks/results/memory.json
+Run: python benchmarks/memory.py      (~1.5 minutes on 2 CPU cores) → benchmarks/results/memory.json
 """
 
 import argparse
@@ -38,12 +38,8 @@ def status(key):   # from /proc: VmHWM is this address space's own peak (getrusa
 base = status("VmRSS")
 tree, kind, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
 sys.path.insert(0, sys.argv[4])
-from memory import shapes, optimizer
-shp = shapes(tree)
-tx = optimizer(kind)
-step = jax.jit(lambda p, s, g: (lambda u_s: (optax.apply_updates(p, u_s[0]), u_s[1]))(tx.update(g, s, p)),
-               donate_argnums=(0, 1))
-step = step.lower(shp, jax.eval_shape(tx.init, shp), shp).compile()   # first, alone: the compiler's memory
+from memory import compiled_step, analysis
+shp, tx, step = compiled_step(tree, kind)   # first, alone: the compiler's memory
 compiled_rss, compile_peak = status("VmRSS"), status("VmHWM")
 keys = jax.random.split(jax.random.key(0), len(jax.tree.leaves(shp)))
 leaves = [jax.random.normal(k, s.shape, jnp.float32) * 0.02 for k, s in zip(keys, jax.tree.leaves(shp))]
@@ -54,7 +50,8 @@ for _ in range(steps):
   params, state = step(params, state, grads)
 jax.block_until_ready(params)
 peak = status("VmHWM")
-print(json.dumps({"peak_rss": peak, "base_rss": base, "compiled_rss": compiled_rss, "compile_peak": compile_peak}))
+print(json.dumps({"peak_rss": peak, "base_rss": base, "compiled_rss": compiled_rss, "compile_peak": compile_peak,
+                  "xla": analysis(step, shp)}))
 """
 
 
@@ -77,15 +74,22 @@ def optimizer(kind: str):
   return jp.pruned(adam, schedule=jp.polynomial(final=0.9, begin=0, end=1000, every=100), scope="global")
 
 
-def analysis(tree: str, kind: str) -> dict:
+def compiled_step(tree: str, kind: str):
+  """(param shapes, optimizer, the step `(params, state, grads) -> (params', state')` jitted with params and
+  state donated and compiled for those shapes)."""
   import jax
   import optax
   shp = shapes(tree)
   tx = optimizer(kind)
-  state = jax.eval_shape(tx.init, shp)
   step = jax.jit(lambda p, s, g: (lambda u_s: (optax.apply_updates(p, u_s[0]), u_s[1]))(tx.update(g, s, p)),
                  donate_argnums=(0, 1))
-  m = step.lower(shp, state, shp).compile().memory_analysis()
+  return shp, tx, step.lower(shp, jax.eval_shape(tx.init, shp), shp).compile()
+
+
+def analysis(compiled, shp) -> dict:
+  """XLA's memory analysis of a compiled step."""
+  import jax
+  m = compiled.memory_analysis()
   total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
   return {"xla_total_bytes": int(total), "xla_temp_bytes": int(m.temp_size_in_bytes),
           "argument_bytes": int(m.argument_size_in_bytes), "output_bytes": int(m.output_size_in_bytes),
@@ -99,7 +103,7 @@ def rss(tree: str, kind: str, steps: int = 3) -> dict:
   if out.returncode != 0:
     raise RuntimeError(out.stderr[-2000:])
   r = json.loads(out.stdout.strip().splitlines()[-1])
-  return {"peak_rss_bytes": r["peak_rss"], "rss_above_imports_bytes": r["peak_rss"] - r["base_rss"],
+  return {**r["xla"], "peak_rss_bytes": r["peak_rss"], "rss_above_imports_bytes": r["peak_rss"] - r["base_rss"],
           "compile_rss_bytes": r["compiled_rss"] - r["base_rss"], "compile_peak_rss_bytes": r["compile_peak"] - r["base_rss"],
           "run_rss_bytes": r["peak_rss"] - r["compiled_rss"]}
 
@@ -111,7 +115,7 @@ def main():
   import _common
   rows = []
   for tree in args.trees.split(","):
-    got = {kind: {**analysis(tree, kind), **rss(tree, kind)} for kind in ("adam", "pruned")}
+    got = {kind: rss(tree, kind) for kind in ("adam", "pruned")}   # the child compiles once and reports both
     a, p = got["adam"], got["pruned"]
     row = {"tree": tree, "adam": a, "pruned": p,
            "xla_ratio": p["xla_total_bytes"] / a["xla_total_bytes"],
