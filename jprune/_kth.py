@@ -29,6 +29,7 @@ _INT_MAX = np.iinfo(np.int32).max
 _PRUNED_KEY = _INT_MIN + 1   # key of already-pruned entries: below every real score
 _SAMPLE = 1 << 15            # size of the strided sample that seeds the search (shared by the groups)
 _SAMPLE_MIN = 1 << 11        # the least sample per group
+_PART_MAX = 1 << 20          # partial counts a counting pass may keep (4 MB)
 _SORT_MAX = 1 << 14          # up to this many entries in one top-k, one sort finds the k-th key
 
 
@@ -88,11 +89,17 @@ def _count_packed(preds, lead: int = 0) -> jax.Array:
   spec = _explicit_spec(p0)
   if c < 8 or (spec is not None and len(spec) == p0.ndim and spec[-1] is not None):
     return jnp.stack([jnp.sum(p, axis=axes, dtype=jnp.int32) for p in preds])
+  # Partial counts over g·c <= 255 entries, g chunks of c at a time where n/c partial counts would be a large
+  # buffer (2^27 entries: one count pass 2.0 -> 0.8 read passes with g = 4).
+  g, m = 1, d // c
+  if p0.size // c > _PART_MAX:
+    fits = [q for q in range(1, 255 // c + 1) if m % q == 0]
+    g = next((q for q in fits if p0.size // (c * q) <= _PART_MAX), fits[-1])
   out = []
   for w in range(0, len(preds), 4):
     group = preds[w:w + 4]
     lanes = sum((p.astype(jnp.uint32) << (8 * j) for j, p in enumerate(group)), jnp.zeros((), jnp.uint32))
-    part = jnp.sum(lanes.reshape(*p0.shape[:-1], d // c, c), axis=-1, dtype=jnp.uint32)
+    part = jnp.sum(lanes.reshape(*p0.shape[:-1], d // (c * g), g, c), axis=(-2, -1), dtype=jnp.uint32)
     if lead == 0:   # one reduction splits all four bytes (one kernel, not four)
       shifts = (jnp.arange(len(group), dtype=jnp.uint32) * 8).reshape((1,) * part.ndim + (len(group),))
       out.append(jnp.sum(((part[..., None] >> shifts) & 255).astype(jnp.int32), axis=tuple(range(part.ndim))))
@@ -400,10 +407,10 @@ def _straddle(key_of, ops, hi: jax.Array, r: jax.Array) -> jax.Array:
 
   The leaf's keys are `key_of(ops)`. The flat leaf is viewed as rows; ties are counted per row, and only the
   row holding the r-th tie is ranked with a cumsum (a flat cumsum over a large leaf costs many passes on
-  CPU). Two passes over the leaf: the row counts, then the mask. Optimization barriers keep them apart: each
-  stage computes the keys again from `ops` (else XLA materializes them as a fresh leaf-sized buffer) and the
-  mask pass gets the ranked row as a finished array (else the row's cumsum is fused into, and redone for,
-  every entry of the mask): 4096² in 6 ms instead of 31.
+  CPU). The ranked row gives one number, the flat index of the first tie kept, so the mask is one elementwise
+  pass: two passes over the leaf in all (the row counts, then the mask). Optimization barriers keep the stages
+  apart, each computing the keys again from `ops` (else XLA materializes them as a fresh leaf-sized buffer):
+  4096² in 6 ms instead of 31.
   """
   key = key_of(ops)
   shape, spec, n = key.shape, _explicit_spec(key), key.size
@@ -414,15 +421,14 @@ def _straddle(key_of, ops, hi: jax.Array, r: jax.Array) -> jax.Array:
   j = jnp.sum(ends <= r, dtype=jnp.int32)           # rows before j: all their ties pruned; j holds the r-th
   start = ends[j] - row_counts[j]
   ops, j, start = jax.lax.optimization_barrier((ops, j, start))
-  row = jax.lax.dynamic_slice(as_rows(key_of(ops)), (j, 0), (1, cols))
-  row_eq = row == hi
-  rank = jnp.cumsum(row_eq, axis=1, dtype=jnp.int32) - 1 + start
-  row_keep = (row > hi) | (row_eq & (rank >= r))
-  ops, j, row_keep = jax.lax.optimization_barrier((ops, j, row_keep))
+  row_eq = jax.lax.dynamic_slice(as_rows(key_of(ops)), (j, 0), (1, cols)) == hi
+  # row j prunes its first r - start ties (possibly none): the first kept is where its cumsum passes that
+  col = jnp.sum(jnp.cumsum(row_eq, axis=1, dtype=jnp.int32) <= r - start, dtype=jnp.int32)
+  first_kept = j * cols + col                       # flat row-major index: ties from here on are kept
+  ops, first_kept = jax.lax.optimization_barrier((ops, first_kept))
   x2 = as_rows(key_of(ops))
-  rows = jax.lax.broadcasted_iota(jnp.int32, x2.shape, 0)
-  keep = (x2 > hi) | ((x2 == hi) & (rows > j))
-  keep = jax.lax.dynamic_update_slice(keep, row_keep, (j, 0)).reshape(shape)
+  at = jax.lax.broadcasted_iota(jnp.int32, x2.shape, 0) * cols + jax.lax.broadcasted_iota(jnp.int32, x2.shape, 1)
+  keep = ((x2 > hi) | ((x2 == hi) & (at >= first_kept))).reshape(shape)
   if spec is not None:
     keep = jax.sharding.reshard(keep, jax.typeof(key).sharding)
   return keep

@@ -259,6 +259,24 @@ def test_ties_straddling_k_inside_a_middle_leaf(scope):
       np.testing.assert_array_equal(np.asarray(f(tree)["b"]["kernel"]).ravel(), _reference_keep(b.ravel(), kb))
 
 
+def test_ties_cut_at_every_row_end_of_the_straddling_leaf():
+  """The straddling leaf is ranked one row of its flat view at a time (20000 entries: rows of 4000); a cut
+  that ends exactly where a row's ties end, one before, or one after must still prune the first k in
+  row-major order (a cut at a row end once pruned the next row's first tie too)."""
+  rng = np.random.default_rng(5)
+  x = np.where(rng.random((200, 100)) < 0.7, 2.0, np.where(rng.random((200, 100)) < 0.5, 1.0, 3.0))
+  x = x.astype(np.float32)
+  x.reshape(-1)[4000:4003] = 3.0                        # a row of the view that starts without ties
+  flat, below = x.ravel(), int((x < 2.0).sum())
+  ends = np.cumsum([(flat[i:i + 4000] == 2.0).sum() for i in range(0, flat.size, 4000)])
+  f = jax.jit(lambda t, s: jp.topk(t, s))
+  ks = sorted({below + int(e) + d for e in ends[:-1] for d in (-1, 0, 1)} | {below + 1, below + int(ends[-1]) - 1})
+  for k in ks:
+    s = k / flat.size                                   # exact in 6 decimals: prunes exactly k
+    np.testing.assert_array_equal(np.asarray(f({"kernel": x}, s)["kernel"]).ravel(), _reference_keep(flat, k),
+                                  err_msg=f"k={k}")
+
+
 @pytest.mark.parametrize("scope", ["layer", "global"])
 def test_topk_of_equals_topk_on_the_stored_scores(scope):
   """`topk_of(score_fn, inputs, ...)` (the scores recomputed inside each counting pass, as `pruned` uses it) gives
