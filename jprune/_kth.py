@@ -29,6 +29,7 @@ _INT_MAX = np.iinfo(np.int32).max
 _PRUNED_KEY = _INT_MIN + 1   # key of already-pruned entries: below every real score
 _SAMPLE = 1 << 15            # size of the strided sample that seeds the search (shared by the groups)
 _SAMPLE_MIN = 1 << 11        # the least sample per group
+_SAMPLE_FRACTION = 32       # ... and at most 1/32 of the largest group (sorting 32K keys costs 6 read passes of LeNet)
 _PART_MAX = 1 << 20          # partial counts a counting pass may keep (4 MB)
 _SORT_MAX = 1 << 14          # up to this many entries in one top-k, one sort finds the k-th key
 
@@ -233,7 +234,7 @@ def kth_keys(groups: Sequence[Sequence[Any]], ks, key_fn=None) -> _Search:
   np.add.at(totals, gid, sizes)
   ks = jnp.stack([jnp.asarray(k, jnp.int32).reshape(()) for k in ks]) if isinstance(ks, (list, tuple)) \
       else jnp.asarray(ks, jnp.int32).reshape(n_groups)
-  per = max(_SAMPLE_MIN, _SAMPLE // n_groups)
+  per = max(_SAMPLE_MIN, min(_SAMPLE // n_groups, int(totals.max()) // _SAMPLE_FRACTION))
   parts = [_group_sample([key_fn(u) for u in grp], int(totals[g]), per) for g, grp in enumerate(groups)]
   ns = np.array([p.shape[0] for p in parts])
   sample = jnp.sort(jnp.stack([jnp.pad(p, (0, ns.max() - p.shape[0]), constant_values=_INT_MAX) for p in parts]),
