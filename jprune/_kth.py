@@ -223,7 +223,8 @@ def kth_keys(groups: Sequence[Sequence[Any]], ks, key_fn=None) -> _Search:
   to shrink the bracket 4x the spread grows 4x; after two, the pass probes the key-space quarters and hi - 1
   (width /4 per pass, and a tie at hi is recognised at once), which bounds the worst case. `key_fn` maps a leaf
   to its keys inside each pass, so keys are never stored. The scalar logic is traced once for all groups
-  (`vmap`), so layer scope over many leaves compiles one loop, not one per leaf.
+  (`vmap`), so layer scope over many leaves compiles one loop, not one per leaf; each leaf's count sits in a
+  `cond` on its group being active (SmolLM2's 211 leaves at layer scope: 16.8 -> 11.5 read passes).
   """
   key_fn = key_fn or (lambda u: u)
   n_groups = len(groups)
@@ -291,9 +292,15 @@ def kth_keys(groups: Sequence[Sequence[Any]], ks, key_fn=None) -> _Search:
   def body(carry):
     st, fl, consts = carry
     fl, consts = jax.lax.optimization_barrier((fl, consts))
-    keys = jex.core.jaxpr_as_fun(jex.core.ClosedJaxpr(keys_jaxpr.jaxpr, consts))(*fl)
     xs = jax.vmap(probes)(per_group(st), sample, ns.astype(np.float32), q, sd_q, ks)   # (G, 4)
-    cnt = jnp.stack([_count_le(kk, xs[g]) for kk, g in zip(keys, gid)])                # (L, 4)
+    if n_groups == 1:
+      keys = jex.core.jaxpr_as_fun(jex.core.ClosedJaxpr(keys_jaxpr.jaxpr, consts))(*fl)
+      cnt = jnp.stack([_count_le(kk, xs[g]) for kk, g in zip(keys, gid)])                # (L, 4)
+    else:   # a converged group's leaves are not read again: layer scope costs the mean passes, not the most
+      on_now = active(st)
+      us = jax.tree.unflatten(treedef, fl)
+      cnt = jnp.stack([jax.lax.cond(on_now[g], lambda u=u, g=g: _count_le(key_fn(u), xs[g]),
+                                    lambda: jnp.zeros(4, jnp.int32)) for u, g in zip(us, gid)])
     cs = cnt.sum(0, keepdims=True) if n_groups == 1 else jax.ops.segment_sum(cnt, gid, n_groups)
     new, i_lo, i_hi = jax.vmap(update)(per_group(st), xs, cs, ks)
     la = jnp.concatenate([st.n_lo[:, None], cnt, st.n_hi[:, None]], axis=1)           # (L, 6), sorted as xa
