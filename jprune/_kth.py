@@ -151,6 +151,7 @@ _SAMPLE_SD = (-2.5, -0.8, 0.8, 2.5)  # first pass: sample quantiles at q + a·sd
 _COUNT_SD = (-2.0, -0.5, 0.5, 2.0)   # later passes: the key expected to have count k + a·sd, sd the bracket's
 _QUARTERS = (0.25, 0.5, 0.75)        # after _STALLS stalls: key-space quarters, plus hi - 1 (resolves a tie at hi)
 _STALLS = 2
+_SAMPLE_PROBES = 16                  # at most this many sample keys inside the bracket: probe one of them
 
 
 def _values(key: jax.Array) -> jax.Array:
@@ -257,7 +258,16 @@ def kth_keys(groups: Sequence[Sequence[Any]], ks, key_fn=None) -> _Search:
     quarters = st.lo + _i32(_offsets(jnp.array(_QUARTERS, jnp.float32), width))
     stalled = jnp.concatenate([quarters, (st.hi - 1)[None]])
     small = st.lo + _i32(jnp.minimum(jnp.arange(1, 5, dtype=jnp.uint32), width - 1))
-    later = jnp.where(width <= 5, small, jnp.where(st.stall >= _STALLS, stalled, interp))
+    later = jnp.where(st.stall >= _STALLS, stalled, interp)
+    # Few sample keys left inside the bracket: they are real keys, so probing one of them, s, and s - 1 resolves
+    # the bracket at once when s is the k-th key. On lumpy (quantized) weights the bracket often comes down to
+    # one run of equal keys that interpolation and quarters would take several passes to pin.
+    i_a = jnp.searchsorted(sample, st.lo, side="right")
+    m = jnp.minimum(jnp.searchsorted(sample, st.hi, side="right"), ns.astype(jnp.int32)) - i_a
+    s = sample[i_a + jnp.clip(jnp.floor(p * m.astype(jnp.float32)).astype(jnp.int32), 0, jnp.maximum(m - 1, 0))]
+    on_sample = (m >= 1) & (m <= _SAMPLE_PROBES)
+    later = jnp.where(on_sample, jnp.stack([s - 1, later[1], later[2], s]), later)
+    later = jnp.where(width <= 5, small, later)
     return jnp.sort(jnp.where(st.it == 0, first, later))
 
   def update(st: _Search, xs, cs, k):   # one group: the new bracket and which of the 6 counts its ends are
