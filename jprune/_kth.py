@@ -262,8 +262,8 @@ def kth_keys(groups: Sequence[Sequence[Any]], ks, key_fn=None) -> _Search:
     # Few sample keys left inside the bracket: they are real keys, so probing one of them, s, and s - 1 resolves
     # the bracket at once when s is the k-th key. On lumpy (quantized) weights the bracket often comes down to
     # one run of equal keys that interpolation and quarters would take several passes to pin.
-    i_a = jnp.searchsorted(sample, st.lo, side="right")
-    m = jnp.minimum(jnp.searchsorted(sample, st.hi, side="right"), ns.astype(jnp.int32)) - i_a
+    i_a = jnp.searchsorted(sample, st.lo, side="right", method="compare_all")
+    m = jnp.minimum(jnp.searchsorted(sample, st.hi, side="right", method="compare_all"), ns.astype(jnp.int32)) - i_a
     s = sample[i_a + jnp.clip(jnp.floor(p * m.astype(jnp.float32)).astype(jnp.int32), 0, jnp.maximum(m - 1, 0))]
     on_sample = (m >= 1) & (m <= _SAMPLE_PROBES)
     later = jnp.where(on_sample, jnp.stack([s - 1, later[1], later[2], s]), later)
