@@ -151,6 +151,7 @@ _SAMPLE_SD = (-2.5, -0.8, 0.8, 2.5)  # first pass: sample quantiles at q + a·sd
 _COUNT_SD = (-2.0, -0.5, 0.5, 2.0)   # later passes: the key expected to have count k + a·sd, sd the bracket's
 _QUARTERS = (0.25, 0.5, 0.75)        # after _STALLS stalls: key-space quarters, plus hi - 1 (resolves a tie at hi)
 _STALLS = 2
+_FEW, _FIFTHS = 8, (0.2, 0.4, 0.6, 0.8)  # at most _FEW entries in the bracket: probe its count fifths
 _SAMPLE_PROBES = 16                  # at most this many sample keys inside the bracket: probe one of them
 
 
@@ -253,7 +254,8 @@ def kth_keys(groups: Sequence[Sequence[Any]], ks, key_fn=None) -> _Search:
     target = (k - st.c_lo).astype(jnp.float32) + 0.5   # relative to c_lo (float32 is exact there)
     p = jnp.clip(target / b, 0.0, 1.0)
     sd = (jnp.sqrt(b * p * (1.0 - p)) + 0.5) * jnp.float32(4.0) ** st.stall.astype(jnp.float32)
-    c = jnp.clip(target + a_count * sd, 0.0, b)
+    # a bracket of few entries: probes at the count fifths (the ±2 sd probes would clip onto its ends)
+    c = jnp.where(b <= _FEW, b * jnp.array(_FIFTHS, jnp.float32), jnp.clip(target + a_count * sd, 0.0, b))
     interp = _interpolate(st, c)
     quarters = st.lo + _i32(_offsets(jnp.array(_QUARTERS, jnp.float32), width))
     stalled = jnp.concatenate([quarters, (st.hi - 1)[None]])
