@@ -359,11 +359,19 @@ def prune_lowest_groups(groups: Sequence[Sequence[Any]], ks: Sequence[Any], key_
   big = [g for g, t in enumerate(totals) if t > _SORT_MAX]
   for g, (grp, k, total) in enumerate(zip(groups, ks, totals)):
     if total <= _SORT_MAX:
+      # the k-th lowest (key, flat position) from one sort; each leaf's mask is then elementwise (keeps its
+      # sharding): a few kernels to compile, where a tie split per leaf took about twenty
       xs = [key_fn(u) for u in grp]
       flat = jnp.concatenate([_replicated(x).reshape(-1) for x in xs])
-      hi = jnp.sort(flat)[jnp.clip(k - 1, 0, total - 1)]
-      masks = _tie_masks(grp, key_fn, hi, k - jnp.sum(flat < hi, dtype=jnp.int32))
-      out[g] = [jnp.where(k > 0, m, True) for m in masks]
+      sk, sp = jax.lax.sort((flat, jnp.arange(total, dtype=jnp.int32)), num_keys=2)
+      hi, last = sk[jnp.clip(k - 1, 0, total - 1)], sp[jnp.clip(k - 1, 0, total - 1)]
+      masks, offset = [], 0
+      for x in xs:
+        at = offset + jnp.arange(x.size, dtype=jnp.int32).reshape(x.shape)
+        xr = _replicated(x)
+        masks.append(_like(((xr > hi) | ((xr == hi) & (at > last))) | (k <= 0), x))
+        offset += int(x.size)
+      out[g] = masks
   if big:
     st = kth_keys([groups[g] for g in big], [ks[g] for g in big], key_fn)
     progs, st = _after(st, [u for g in big for u in groups[g]], key_fn)
@@ -402,24 +410,28 @@ def _after(st: _Search, units: Sequence[Any], key_fn):
   return out, st
 
 
-def _tie_masks(units: Sequence[Any], key_fn, hi: jax.Array, r: jax.Array) -> list[jax.Array]:
-  """Keep-masks: keys > hi kept, keys < hi pruned, and of the keys == hi the first r (leaf order, then
-  row-major) pruned. Ties are counted per leaf (one pass); a leaf whose ties all fall before / after the r-th
-  keeps (x > hi) / (x >= hi); only the one leaf where the r-th tie falls ranks its ties, inside one row.
-  Keys are computed inside each pass and each branch from the units (never passed around as stored trees)."""
-  counts = [_count_packed([key_fn(u) == hi])[0] for u in units]
-  out, before = [], jnp.int32(0)
-  for u, c in zip(units, counts):
-    r_leaf = jnp.clip(r - before, 0, c)
-    out.append(jax.lax.cond((r_leaf > 0) & (r_leaf < c), lambda u=u, r_leaf=r_leaf: _straddle(key_fn, u, hi, r_leaf),
-                            lambda u=u, r_leaf=r_leaf: _all_or_no_ties(key_fn(u), hi, r_leaf)))
-    before = before + c
-  return out
+def _like(mask: jax.Array, x: jax.Array) -> jax.Array:
+  """`mask` with the explicit sharding of `x`, if it has one."""
+  return jax.sharding.reshard(mask, jax.typeof(x).sharding) if _explicit_spec(x) is not None else mask
 
 
 def _all_or_no_ties(x: jax.Array, hi: jax.Array, r: jax.Array) -> jax.Array:
   """Keep-mask of a leaf whose ties at hi are all pruned (r > 0) or all kept (r == 0)."""
   return (x > hi) | ((x == hi) & (r == 0))
+
+
+def _cumsum(x: jax.Array) -> jax.Array:
+  """Inclusive cumsum of a 1-D int32 array in two `reduce_window`s (blocks of 64, then the block totals): a
+  few kernels to compile, where `jnp.cumsum` on CPU is a scan of ~2·log2(n) kernels."""
+  n = x.shape[0]
+  b = _chunk(n, 64)
+  nb = n // b
+  if nb > 4096:
+    return jnp.cumsum(x)
+  within = jax.lax.reduce_window(x.reshape(nb, b), 0, jax.lax.add, (1, b), (1, 1), [(0, 0), (b - 1, 0)])
+  totals = within[:, -1]
+  before = jax.lax.reduce_window(totals, 0, jax.lax.add, (nb,), (1,), [(nb - 1, 0)]) - totals
+  return (within + before[:, None]).reshape(n)
 
 
 def _straddle(key_of, ops, hi: jax.Array, r: jax.Array) -> jax.Array:
@@ -437,13 +449,13 @@ def _straddle(key_of, ops, hi: jax.Array, r: jax.Array) -> jax.Array:
   cols = _chunk(n, 4096)
   as_rows = lambda k: _replicated(k).reshape(n // cols, cols)
   row_counts = _count_packed([as_rows(key) == hi], lead=1)[0]
-  ends = jnp.cumsum(row_counts)                     # ties in rows <= i
+  ends = _cumsum(row_counts)                        # ties in rows <= i
   j = jnp.sum(ends <= r, dtype=jnp.int32)           # rows before j: all their ties pruned; j holds the r-th
   start = ends[j] - row_counts[j]
   ops, j, start = jax.lax.optimization_barrier((ops, j, start))
-  row_eq = jax.lax.dynamic_slice(as_rows(key_of(ops)), (j, 0), (1, cols)) == hi
-  # row j prunes its first r - start ties (possibly none): the first kept is where its cumsum passes that
-  col = jnp.sum(jnp.cumsum(row_eq, axis=1, dtype=jnp.int32) <= r - start, dtype=jnp.int32)
+  row_eq = jax.lax.dynamic_slice(as_rows(key_of(ops)), (j, 0), (1, cols))[0] == hi
+  # row j prunes its first r - start ties (fewer than it has): the first kept is its tie of that 0-based index
+  col = jnp.sort(jnp.where(row_eq, jnp.arange(cols, dtype=jnp.int32), cols))[r - start]
   first_kept = j * cols + col                       # flat row-major index: ties from here on are kept
   ops, first_kept = jax.lax.optimization_barrier((ops, first_kept))
   x2 = as_rows(key_of(ops))
