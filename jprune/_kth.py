@@ -395,19 +395,12 @@ def prune_lowest_groups(groups: Sequence[Sequence[Any]], ks: Sequence[Any], key_
 
 
 def _after(st: _Search, units: Sequence[Any], key_fn):
-  """Per unit `(key_of, ops)` with `key_of(ops)` its keys, and `st`, all passed through one optimization
-  barrier: `ops` are the unit's arrays and every array `key_fn` closes over, so the masks compute the keys
-  again after the search instead of sharing the search's (sample's) key expression, which XLA would
-  materialize as a fresh params-sized int32 buffer."""
-  progs = []
-  for u in units:
-    fl, treedef = jax.tree.flatten(u)
-    jx = jax.make_jaxpr(lambda *a, treedef=treedef: key_fn(jax.tree.unflatten(treedef, a)))(*fl)
-    progs.append((jx, list(fl) + list(jx.consts)))
-  ops, st = jax.lax.optimization_barrier(([o for _, o in progs], st))
-  out = [(lambda a, jx=jx: jex.core.jaxpr_as_fun(jex.core.ClosedJaxpr(jx.jaxpr, a[len(jx.jaxpr.invars):]))(
-      *a[:len(jx.jaxpr.invars)])[0], o) for (jx, _), o in zip(progs, ops)]
-  return out, st
+  """Per unit `(key_fn, unit)` and `st`, the units' arrays and `st` passed through one optimization barrier, so
+  the masks compute the keys again after the search instead of sharing the search's (sample's) key
+  expression, which XLA would materialize as a fresh params-sized int32 buffer. (Arrays `key_fn` closes over,
+  as `topk_of`'s inputs, are not passed: they are whole trees for every unit.)"""
+  units, st = jax.lax.optimization_barrier((list(units), st))
+  return [(key_fn, u) for u in units], st
 
 
 def _like(mask: jax.Array, x: jax.Array) -> jax.Array:
