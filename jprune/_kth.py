@@ -298,27 +298,28 @@ def kth_keys(groups: Sequence[Sequence[Any]], ks, key_fn=None) -> _Search:
   # pass can take them through an optimization barrier: otherwise XLA hoists the loop-invariant key computation
   # out of the loop and materializes every leaf's keys (params-sized fresh buffers, whose page faults cost as
   # much as the whole search).
+  # (Layer scope keeps key_fn whole: each leaf's count sits in its own cond, which XLA does not hoist from.)
   flat, treedef = jax.tree.flatten(units)
-  keys_jaxpr = jax.make_jaxpr(lambda *fl: [key_fn(u) for u in jax.tree.unflatten(treedef, fl)])(*flat)
+  keys_jaxpr = jax.make_jaxpr(lambda *fl: [key_fn(u) for u in jax.tree.unflatten(treedef, fl)])(*flat) \
+      if n_groups == 1 else None
 
   def body(carry):
     st, fl, consts = carry
     fl, consts = jax.lax.optimization_barrier((fl, consts))
     xs = jax.vmap(probes)(per_group(st), sample, ns.astype(np.float32), q, sd_q, ks)   # (G, 4)
-    if n_groups == 1:
+    on = active(st)   # converged groups keep their state
+    if keys_jaxpr is not None:
       keys = jex.core.jaxpr_as_fun(jex.core.ClosedJaxpr(keys_jaxpr.jaxpr, consts))(*fl)
       cnt = jnp.stack([_count_le(kk, xs[g]) for kk, g in zip(keys, gid)])                # (L, 4)
     else:   # a converged group's leaves are not read again: layer scope costs the mean passes, not the most
-      on_now = active(st)
       us = jax.tree.unflatten(treedef, fl)
-      cnt = jnp.stack([jax.lax.cond(on_now[g], lambda u=u, g=g: _count_le(key_fn(u), xs[g]),
+      cnt = jnp.stack([jax.lax.cond(on[g], lambda u=u, g=g: _count_le(key_fn(u), xs[g]),
                                     lambda: jnp.zeros(4, jnp.int32)) for u, g in zip(us, gid)])
     cs = cnt.sum(0, keepdims=True) if n_groups == 1 else jax.ops.segment_sum(cnt, gid, n_groups)
     new, i_lo, i_hi = jax.vmap(update)(per_group(st), xs, cs, ks)
     la = jnp.concatenate([st.n_lo[:, None], cnt, st.n_hi[:, None]], axis=1)           # (L, 6), sorted as xa
     n_lo = jnp.take_along_axis(la, i_lo[gid][:, None], axis=1)[:, 0]
     n_hi = jnp.take_along_axis(la, i_hi[gid][:, None], axis=1)[:, 0]
-    on = active(st)   # converged groups keep their state
     st = new._replace(**{f: jnp.where(on, getattr(new, f), getattr(st, f)) for f in _GROUP_FIELDS},
                       n_lo=jnp.where(on[gid], n_lo, st.n_lo), n_hi=jnp.where(on[gid], n_hi, st.n_hi))
     return st, fl, consts
@@ -330,7 +331,7 @@ def kth_keys(groups: Sequence[Sequence[Any]], ks, key_fn=None) -> _Search:
   init = _Search(z + _INT_MIN, z + _INT_MAX, z, jnp.asarray(totals, jnp.int32), z, z - 1, z, z,
                  jnp.zeros(len(units), jnp.int32), jnp.asarray(sizes, jnp.int32))
   # one loop body for every pass: the program (and its compile time) does not grow with the passes
-  return jax.lax.while_loop(cond, body, (init, list(flat), list(keys_jaxpr.consts)))[0]
+  return jax.lax.while_loop(cond, body, (init, list(flat), list(keys_jaxpr.consts) if keys_jaxpr else []))[0]
 
 
 def kth_key(units: Sequence[Any], k, key_fn=None) -> _Search:
@@ -364,7 +365,8 @@ def prune_lowest_groups(groups: Sequence[Sequence[Any]], ks: Sequence[Any], key_
       xs = [key_fn(u) for u in grp]
       flat = jnp.concatenate([_replicated(x).reshape(-1) for x in xs])
       sk, sp = jax.lax.sort((flat, jnp.arange(total, dtype=jnp.int32)), num_keys=2)
-      hi, last = sk[jnp.clip(k - 1, 0, total - 1)], sp[jnp.clip(k - 1, 0, total - 1)]
+      kth = jnp.clip(k - 1, 0, total - 1)
+      hi, last = sk[kth], sp[kth]
       masks, offset = [], 0
       for x in xs:
         at = offset + jnp.arange(x.size, dtype=jnp.int32).reshape(x.shape)
@@ -374,33 +376,26 @@ def prune_lowest_groups(groups: Sequence[Sequence[Any]], ks: Sequence[Any], key_
       out[g] = masks
   if big:
     st = kth_keys([groups[g] for g in big], [ks[g] for g in big], key_fn)
-    progs, st = _after(st, [u for g in big for u in groups[g]], key_fn)
+    # the units' arrays pass a barrier with the search's result, so the masks compute the keys again instead of
+    # sharing the sample's key expression, which XLA would materialize as a fresh params-sized int32 buffer.
+    # (Arrays key_fn closes over, as topk_of's inputs, are whole trees for every unit and are not passed.)
+    units, st = jax.lax.optimization_barrier(([u for g in big for u in groups[g]], st))
     leaf = 0
     for j, g in enumerate(big):
       hi, k, exact = st.hi[j], ks[g], st.c_hi[j] == ks[g]
       r = k - st.c_lo[j]           # entries in (lo, hi] = {hi} to prune when not exact
       masks, before = [], jnp.int32(0)
-      for _ in groups[g]:
+      for u in units[leaf:leaf + len(groups[g])]:
         ties = st.n_hi[leaf] - st.n_lo[leaf]
         r_leaf = jnp.clip(r - before, 0, ties)
         straddles = ~exact & (r_leaf > 0) & (r_leaf < ties)
-        kf, ops = progs[leaf]
-        m = jax.lax.cond(straddles, lambda kf=kf, ops=ops, r_leaf=r_leaf, hi=hi: _straddle(kf, ops, hi, r_leaf),
-                         lambda kf=kf, ops=ops, r_leaf=r_leaf, hi=hi, exact=exact:
-                         _all_or_no_ties(kf(ops), hi, jnp.where(exact, 1, r_leaf)))
+        m = jax.lax.cond(straddles, lambda u=u, r_leaf=r_leaf, hi=hi: _straddle(key_fn, u, hi, r_leaf),
+                         lambda u=u, r_leaf=r_leaf, hi=hi, exact=exact:
+                         _all_or_no_ties(key_fn(u), hi, jnp.where(exact, 1, r_leaf)))
         masks.append(jnp.where(k > 0, m, True))
         before, leaf = before + ties, leaf + 1
       out[g] = masks
   return out
-
-
-def _after(st: _Search, units: Sequence[Any], key_fn):
-  """Per unit `(key_fn, unit)` and `st`, the units' arrays and `st` passed through one optimization barrier, so
-  the masks compute the keys again after the search instead of sharing the search's (sample's) key
-  expression, which XLA would materialize as a fresh params-sized int32 buffer. (Arrays `key_fn` closes over,
-  as `topk_of`'s inputs, are not passed: they are whole trees for every unit.)"""
-  units, st = jax.lax.optimization_barrier((list(units), st))
-  return [(key_fn, u) for u in units], st
 
 
 def _like(mask: jax.Array, x: jax.Array) -> jax.Array:
@@ -438,7 +433,7 @@ def _straddle(key_of, ops, hi: jax.Array, r: jax.Array) -> jax.Array:
   4096² in 6 ms instead of 31.
   """
   key = key_of(ops)
-  shape, spec, n = key.shape, _explicit_spec(key), key.size
+  shape, n = key.shape, key.size
   cols = _chunk(n, 4096)
   as_rows = lambda k: _replicated(k).reshape(n // cols, cols)
   row_counts = _count_packed([as_rows(key) == hi], lead=1)[0]
@@ -453,10 +448,7 @@ def _straddle(key_of, ops, hi: jax.Array, r: jax.Array) -> jax.Array:
   ops, first_kept = jax.lax.optimization_barrier((ops, first_kept))
   x2 = as_rows(key_of(ops))
   at = jax.lax.broadcasted_iota(jnp.int32, x2.shape, 0) * cols + jax.lax.broadcasted_iota(jnp.int32, x2.shape, 1)
-  keep = ((x2 > hi) | ((x2 == hi) & (at >= first_kept))).reshape(shape)
-  if spec is not None:
-    keep = jax.sharding.reshard(keep, jax.typeof(key).sharding)
-  return keep
+  return _like(((x2 > hi) | ((x2 == hi) & (at >= first_kept))).reshape(shape), key)
 
 
 _MICRO = 10 ** 6
