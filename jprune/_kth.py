@@ -380,20 +380,28 @@ def prune_lowest_groups(groups: Sequence[Sequence[Any]], ks: Sequence[Any], key_
     # sharing the sample's key expression, which XLA would materialize as a fresh params-sized int32 buffer.
     # (Arrays key_fn closes over, as topk_of's inputs, are whole trees for every unit and are not passed.)
     units, st = jax.lax.optimization_barrier(([u for g in big for u in groups[g]], st))
+    # each leaf's share of the ties to prune, for all leaves at once: written as a running sum in Python, every
+    # leaf's share would be its own chain of adds over the leaves before it (L² operations for L leaves)
+    group_of = np.repeat(np.arange(len(big)), [len(groups[g]) for g in big])
+    starts = np.cumsum([0] + [len(groups[g]) for g in big])
+    ties = st.n_hi - st.n_lo
+    excl = _cumsum(ties) - ties                         # ties in the leaves before, over all groups
+    before = excl - excl[starts[:-1][group_of]]         # ties in the leaves before, within the leaf's group
+    r = jnp.asarray([ks[g] for g in big]) - st.c_lo    # entries in (lo, hi] = {hi} to prune when not exact
+    r_leaf = jnp.clip(r[group_of] - before, 0, ties)
+    exact = st.c_hi == jnp.asarray([ks[g] for g in big])
+    straddles = ~exact[group_of] & (r_leaf > 0) & (r_leaf < ties)
+    r_leaf = jnp.where(exact[group_of], 1, r_leaf)
+    r_leaf, straddles = jax.lax.optimization_barrier((r_leaf, straddles))
     leaf = 0
     for j, g in enumerate(big):
-      hi, k, exact = st.hi[j], ks[g], st.c_hi[j] == ks[g]
-      r = k - st.c_lo[j]           # entries in (lo, hi] = {hi} to prune when not exact
-      masks, before = [], jnp.int32(0)
+      hi, k = st.hi[j], ks[g]
+      masks = []
       for u in units[leaf:leaf + len(groups[g])]:
-        ties = st.n_hi[leaf] - st.n_lo[leaf]
-        r_leaf = jnp.clip(r - before, 0, ties)
-        straddles = ~exact & (r_leaf > 0) & (r_leaf < ties)
-        m = jax.lax.cond(straddles, lambda u=u, r_leaf=r_leaf, hi=hi: _straddle(key_fn, u, hi, r_leaf),
-                         lambda u=u, r_leaf=r_leaf, hi=hi, exact=exact:
-                         _all_or_no_ties(key_fn(u), hi, jnp.where(exact, 1, r_leaf)))
+        m = jax.lax.cond(straddles[leaf], lambda u=u, r=r_leaf[leaf], hi=hi: _straddle(key_fn, u, hi, r),
+                         lambda u=u, r=r_leaf[leaf], hi=hi: _all_or_no_ties(key_fn(u), hi, r))
         masks.append(jnp.where(k > 0, m, True))
-        before, leaf = before + ties, leaf + 1
+        leaf += 1
       out[g] = masks
   return out
 

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jprune import _kth
+from jprune import _leafwise
 from jprune import _tree
 from jprune import select as _select
 from jprune.granularity import Granularity, GranularityLike, Neurons, blocks, channels, neurons, nm, unstructured
@@ -157,12 +158,12 @@ def topk_of(score_fn, inputs: tuple, sparsity: Sparsity, *, where: Where = None,
   g = parse_granularity(granularity)
   if g.fixed_pattern or callable(sparsity) or scope not in ("layer", "global"):
     return topk(score_fn(*inputs), sparsity, where=where, scope=scope, granularity=g, masks=masks)
-  shapes = jax.eval_shape(score_fn, *inputs)
+  leaf_fns, shapes = _leafwise.split(score_fn, inputs)   # leaf i's scores, tracing only what leaf i needs
   g, items, flags, prior_leaves = _prepare(shapes, where, g, masks)
   per_leaf = _per_leaf_sparsity(sparsity, shapes, items, flags)
   if scope == "global":
     _check_global(sparsity)
-  key_fn = lambda u: _kth.unit_key((g.unit_scores(jax.tree.leaves(score_fn(*inputs))[u.index]), u.prior))
+  key_fn = lambda u: _kth.unit_key((g.unit_scores(leaf_fns[u.index]()), u.prior))
   out: list = [jnp.asarray(True)] * len(items)
   units, shapes_of = {}, {}
   for i, ((_, s), f) in enumerate(zip(items, flags)):

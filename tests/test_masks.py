@@ -299,3 +299,48 @@ def test_topk_of_equals_topk_on_the_stored_scores(scope):
             params, prior)
       for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=f"{scope} {gran} prior={prior is not None}")
+
+
+def test_topk_of_with_scores_that_read_other_leaves():
+  """`topk_of` replays only the equations each leaf's scores need: scores that read other leaves (normalized by
+  the largest |w| of the whole tree), a nested `jit`, and random scores keyed by the leaf's position still give
+  `topk` on the stored scores."""
+  from jprune import masks as M
+  k = jax.random.split(jax.random.key(1), 3)
+  params = {"a": {"kernel": jax.random.normal(k[0], (300, 200))}, "b": {"kernel": jax.random.normal(k[1], (128, 96))},
+            "c": {"kernel": jnp.round(jax.random.normal(k[2], (3, 3, 32, 64)) * 4) / 4}}
+  top = lambda p: jnp.max(jnp.stack([jnp.max(jnp.abs(w)) for w in jax.tree.leaves(p)]))
+  fns = {"normalized": lambda p: jax.tree.map(lambda w: jnp.abs(w) / top(p) + jnp.where(w > 0, jnp.abs(p["b"]["kernel"]).mean(), 0.0), p),
+         "nested jit": jax.jit(lambda p: jax.tree.map(lambda w: w * w, p)),
+         "random": lambda p: jp.random(3).score((), p)}
+  for name, score in fns.items():
+    for scope in ("layer", "global"):
+      got = jax.jit(lambda p: M.topk_of(score, (p,), 0.6, scope=scope))(params)
+      want = jax.jit(lambda p: jp.topk(score(p), 0.6, scope=scope))(params)
+      for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=f"{name} {scope}")
+
+
+def _n_eqns(jaxpr) -> int:
+  from jax.extend import core as jcore
+  return sum(1 + sum(_n_eqns(getattr(j, "jaxpr", j)) for j in jcore.jaxprs_in_params(e.params)) for e in jaxpr.eqns)
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_topk_of_program_grows_linearly_with_the_leaves(scope):
+  """The traced program of `topk_of` (as `pruned` runs it) and, for global scope, the compiled one grow linearly
+  with the number of leaves: 8 → 16 → 32 leaves add twice as much the second time, not four times. Before, every
+  leaf's key function traced the whole score tree (L² equations; 211² for SmolLM2), and each leaf's share of the
+  ties summed the leaves before it (L² operations after XLA's fusion)."""
+  from jprune import masks as M
+  score = lambda p: jax.tree.map(jnp.abs, p)
+  eqns, instrs = [], []
+  for n in (8, 16, 32):
+    p = {f"l{i}": {"kernel": jnp.ones((130, 130))} for i in range(n)}   # 16.9K entries each: counting passes
+    f = jax.jit(lambda p: M.topk_of(score, (p,), 0.5, scope=scope))
+    eqns.append(_n_eqns(jax.make_jaxpr(f)(p).jaxpr))
+    if scope == "global":
+      instrs.append(f.lower(p).compile().as_text().count(" = "))
+  assert (eqns[2] - eqns[1]) / (eqns[1] - eqns[0]) < 2.2, eqns
+  if instrs:
+    assert (instrs[2] - instrs[1]) / (instrs[1] - instrs[0]) < 2.15, instrs
