@@ -259,6 +259,33 @@ def test_ties_straddling_k_inside_a_middle_leaf(scope):
       np.testing.assert_array_equal(np.asarray(f(tree)["b"]["kernel"]).ravel(), _reference_keep(b.ravel(), kb))
 
 
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_ties_straddling_in_leaves_that_share_a_shape(scope):
+  """Ties split in leaves that share a shape (code shared between such leaves must rank the right one): the cut
+  falls in the third of four (300, 200) leaves (global), or inside each leaf at its own place, with one leaf cut
+  exactly at a value and one leaf of another shape (layer)."""
+  rng = np.random.default_rng(5)
+  leaves = [np.where(rng.random((300, 200)) < p, 2.0, 3.0 + i).astype(np.float32) for i, p in
+            enumerate((0.2, 0.5, 0.7, 0.4))]
+  leaves[1] = rng.permutation(np.repeat(np.float32([1.0, 4.0]), 30000)).reshape(300, 200)   # cut at 0.5: a value
+  leaves.append(np.where(rng.random((128, 160)) < 0.5, 2.0, 7.0).astype(np.float32))
+  tree = {f"l{i}": {"kernel": x} for i, x in enumerate(leaves)}
+  if scope == "global":
+    flat = np.concatenate([x.ravel() for x in leaves])
+    k = int((flat < 2.0).sum() + (leaves[0] == 2.0).sum() + 0.61 * (leaves[2] == 2.0).sum())  # in the third's ties
+    want = _reference_keep(flat, k)
+    m = jax.jit(lambda t: jp.topk(t, k / flat.size, scope="global"))(tree)
+    got = np.concatenate([np.asarray(m[f"l{i}"]["kernel"]).ravel() for i in range(len(leaves))])
+    np.testing.assert_array_equal(got, want)
+  else:
+    s = {f"l{i}": {"kernel": v} for i, v in enumerate((0.13, 0.5, 0.55, 0.3, 0.41))}
+    m = jax.jit(lambda t: jp.topk(t, s))(tree)
+    for i, x in enumerate(leaves):
+      k = jp.masks._kth.count_k(s[f"l{i}"]["kernel"], x.size)
+      np.testing.assert_array_equal(np.asarray(m[f"l{i}"]["kernel"]).ravel(), _reference_keep(x.ravel(), int(k)),
+                                    err_msg=f"leaf {i}")
+
+
 def test_ties_cut_at_every_row_end_of_the_straddling_leaf():
   """The straddling leaf is ranked one row of its flat view at a time (20000 entries: rows of 4000); a cut
   that ends exactly where a row's ties end, one before, or one after must still prune the first k in

@@ -15,9 +15,11 @@ assert jax.device_count() == 8, jax.devices()
 
 def check(mesh):
   rng = np.random.default_rng(0)
-  params = {"Dense_0": {"kernel": rng.standard_normal((64, 128)).astype(np.float32)},
-            "Dense_1": {"kernel": rng.standard_normal((128, 32)).astype(np.float32)},
-            "Dense_1b": {"kernel": np.round(rng.standard_normal((128, 32)), 1).astype(np.float32)}}
+  # leaves above the sort path's 16K entries (counting passes); Dense_1 and Dense_1b share a shape but not a
+  # sharding, and Dense_1b's ties make the cut fall inside a leaf
+  params = {"Dense_0": {"kernel": rng.standard_normal((64, 512)).astype(np.float32)},
+            "Dense_1": {"kernel": rng.standard_normal((512, 64)).astype(np.float32)},
+            "Dense_1b": {"kernel": np.round(rng.standard_normal((512, 64)), 1).astype(np.float32)}}
   specs = {"Dense_0": {"kernel": P("data", "model")}, "Dense_1": {"kernel": P("model", None)},
            "Dense_1b": {"kernel": P(None, "data")}}
   sharded = jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), params, specs)
