@@ -266,8 +266,13 @@ def kth_keys(groups: Sequence[Sequence[Any]], ks, key_fn=None) -> _Search:
     # one run of equal keys that interpolation and quarters would take several passes to pin.
     i_a = jnp.searchsorted(sample, st.lo, side="right", method="compare_all")
     m = jnp.minimum(jnp.searchsorted(sample, st.hi, side="right", method="compare_all"), ns.astype(jnp.int32)) - i_a
-    s = sample[i_a + jnp.clip(jnp.floor(p * m.astype(jnp.float32)).astype(jnp.int32), 0, jnp.maximum(m - 1, 0))]
-    on_sample = (m >= 1) & (m <= _SAMPLE_PROBES)
+    at = i_a + jnp.clip(jnp.floor(p * m.astype(jnp.float32)).astype(jnp.int32), 0, jnp.maximum(m - 1, 0))
+    s = sample[at]
+    # s repeated in the sample: likely a run of many equal keys (dequantized weights), so probe it however many
+    # sample keys the bracket still holds
+    repeated = ((at > i_a) & (sample[jnp.maximum(at - 1, 0)] == s)) | \
+        ((at + 1 < i_a + m) & (sample[jnp.minimum(at + 1, sample.shape[0] - 1)] == s))
+    on_sample = (m >= 1) & ((m <= _SAMPLE_PROBES) | repeated)
     later = jnp.where(on_sample, jnp.stack([s - 1, later[1], later[2], s]), later)
     later = jnp.where(width <= 5, small, later)
     return jnp.sort(jnp.where(st.it == 0, first, later))
