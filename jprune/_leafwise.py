@@ -3,7 +3,7 @@
 `topk_of` recomputes a leaf's scores inside every counting pass. Calling the whole `score_fn` there and keeping
 one leaf traces every leaf's scores for every leaf: L² equations for L leaves (211 × 211 for SmolLM2), which XLA
 removes again, but only after they cost trace time, compile time and the compiler's memory. `split(f, args)`
-traces `f` once, and leaf i's function replays only the equations leaf i depends on (a backward walk over the
+traces `f` once, and leaf i's function replays only the equations leaf i depends on (followed back through the
 jaxpr), so a criterion that scores leaf by leaf costs L equations in all. A function whose leaves share one
 opaque equation (a nested `jit`, a `vmap` over stacked leaves) replays that equation whole: the same program as
 calling `f`, never a different result.
@@ -17,15 +17,24 @@ import jax
 from jax.extend import core as jcore
 
 
-def _needed_eqns(jaxpr, outvar) -> list:
-  """The equations `outvar` depends on (and every effectful one), in program order."""
-  needed = {outvar} if isinstance(outvar, jcore.Var) else set()
-  kept = []
-  for eqn in reversed(jaxpr.eqns):
-    if eqn.effects or any(v in needed for v in eqn.outvars if not isinstance(v, jcore.DropVar)):
-      kept.append(eqn)
-      needed.update(v for v in eqn.invars if isinstance(v, jcore.Var))
-  return kept[::-1]
+def _cone(jaxpr):
+  """`cone(outvar)`: the equations `outvar` depends on, and every effectful one, in program order. It follows
+  each variable to the equation that made it, so a leaf costs its own dependencies, not a walk over the whole
+  program (a walk per leaf was L² for L leaves)."""
+  producer = {v: n for n, e in enumerate(jaxpr.eqns) for v in e.outvars if not isinstance(v, jcore.DropVar)}
+  effectful = [n for n, e in enumerate(jaxpr.eqns) if e.effects]
+
+  def cone(outvar) -> list:
+    todo = effectful + ([producer[outvar]] if isinstance(outvar, jcore.Var) and outvar in producer else [])
+    kept: set = set()
+    while todo:
+      n = todo.pop()
+      if n not in kept:
+        kept.add(n)
+        todo.extend(producer[v] for v in jaxpr.eqns[n].invars if isinstance(v, jcore.Var) and v in producer)
+    return [jaxpr.eqns[n] for n in sorted(kept)]
+
+  return cone
 
 
 def split(fn: Callable, args: tuple) -> tuple[list[Callable[[], Any]], Any]:
@@ -38,9 +47,10 @@ def split(fn: Callable, args: tuple) -> tuple[list[Callable[[], Any]], Any]:
   flat, in_tree = jax.tree.flatten(args)
   closed, out_shape = jax.make_jaxpr(lambda *xs: fn(*jax.tree.unflatten(in_tree, xs)), return_shape=True)(*flat)
   jaxpr = closed.jaxpr
+  cone = _cone(jaxpr)
 
   def leaf(i: int) -> Callable[[], Any]:
-    eqns = _needed_eqns(jaxpr, jaxpr.outvars[i])
+    eqns = cone(jaxpr.outvars[i])
     sub = jcore.ClosedJaxpr(jcore.Jaxpr(jaxpr.constvars, jaxpr.invars, [jaxpr.outvars[i]], eqns, jaxpr.effects),
                             closed.consts)
     return lambda: jcore.jaxpr_as_fun(sub)(*flat)[0]
