@@ -226,7 +226,7 @@ def kth_keys(groups: Sequence[Sequence[Any]], ks, key_fn=None) -> _Search:
   (width /4 per pass, and a tie at hi is recognised at once), which bounds the worst case. `key_fn` maps a leaf
   to its keys inside each pass, so keys are never stored. The scalar logic is traced once for all groups
   (`vmap`), so layer scope over many leaves compiles one loop, not one per leaf; each leaf's count sits in a
-  `cond` on its group being active (SmolLM2's 211 leaves at layer scope: 16.8 -> 11.5 read passes).
+  `cond` on its group being active, so a converged leaf is not read again.
   """
   key_fn = key_fn or (lambda u: u)
   n_groups = len(groups)
