@@ -212,6 +212,30 @@ def _group_sample(keys: Sequence[jax.Array], total: int, size: int) -> jax.Array
   return jnp.concatenate(parts)
 
 
+def _grid(sample: jax.Array, ns) -> jax.Array:
+  """Per group, the largest power of two G that divides every positive key of its sample (1 when it has none).
+
+  Weights stored in low precision (bf16, f16, dequantized int8 blocks) have float32 scores whose low mantissa
+  bits are zero, so their keys are multiples of some G: 2^16 for bf16 |w|, 2^9 on SmolLM2's kernels. The search
+  then probes only multiples of G, and a tie at the k-th key is pinned in one pass instead of narrowing key
+  space bit by bit. It is a guess from the sample: counts stay exact whatever the data, and off-grid entries only
+  cost passes.
+  """
+  valid = (jnp.arange(sample.shape[1])[None, :] < jnp.asarray(ns)[:, None]) & (sample > 0) & (sample < _INT_MAX)
+  tz = jax.lax.population_count((sample & -sample) - 1)             # trailing zero bits of a positive key
+  bits = jnp.min(jnp.where(valid, tz, 31), axis=1)
+  return jnp.where(jnp.any(valid, axis=1), jnp.left_shift(jnp.int32(1), jnp.minimum(bits, 23)), 1)
+
+
+def _on_grid(p: jax.Array, lo: jax.Array, hi: jax.Array, grid: jax.Array) -> jax.Array:
+  """Probes moved to the nearest multiple of `grid` strictly inside (lo, hi) (non-negative probes only; probes
+  without such a multiple stay where they are)."""
+  down, up = p & -grid, (p & -grid) + grid
+  ok_down, ok_up = down > lo, (up < hi) & (up > p)
+  near = jnp.where(ok_up & (~ok_down | (up - p < p - down)), up, jnp.where(ok_down, down, p))
+  return jnp.where((grid > 1) & (p >= 0) & (p <= _INT_MAX - grid), near, p)
+
+
 def kth_keys(groups: Sequence[Sequence[Any]], ks, key_fn=None) -> _Search:
   """Brackets the k-th smallest key of each group of leaves, all groups in one loop: counting passes only,
   four thresholds per group per pass. Every field of the result is `(G,)` except `n_lo`, `n_hi`: `(L,)`, each
@@ -223,7 +247,9 @@ def kth_keys(groups: Sequence[Sequence[Any]], ks, key_fn=None) -> _Search:
   reaches k and probe at ±0.5 and ±2 binomial standard deviations of the bracket's count around it, so a
   bracket of b entries shrinks to about sqrt(b)/2: 16M entries take about four passes. After a pass that fails
   to shrink the bracket 4x the spread grows 4x; after two, the pass probes the key-space quarters and hi - 1
-  (width /4 per pass, and a tie at hi is recognised at once), which bounds the worst case. `key_fn` maps a leaf
+  (width /4 per pass, and a tie at hi is recognised at once), which bounds the worst case. Keys of weights stored
+  in low precision are multiples of a power of two (`_grid`, guessed from the sample); probes then sit on that
+  grid, and a bracket holding one grid key is pinned by probing hi - 1. `key_fn` maps a leaf
   to its keys inside each pass, so keys are never stored. The scalar logic is traced once for all groups
   (`vmap`), so layer scope over many leaves compiles one loop, not one per leaf; each leaf's count sits in a
   `cond` on its group being active, so a converged leaf is not read again.
@@ -244,9 +270,10 @@ def kth_keys(groups: Sequence[Sequence[Any]], ks, key_fn=None) -> _Search:
                     axis=1)
   q = ks.astype(jnp.float32) / totals.astype(np.float32)
   sd_q = jnp.sqrt(q * (1.0 - q) / ns.astype(np.float32))
+  grid = _grid(sample, ns)
   a_sample, a_count = jnp.array(_SAMPLE_SD, jnp.float32), jnp.array(_COUNT_SD, jnp.float32)
 
-  def probes(st: _Search, sample, ns, q, sd_q, k) -> jax.Array:   # one group
+  def probes(st: _Search, sample, ns, q, sd_q, k, grid) -> jax.Array:   # one group
     width = _u32(st.hi - st.lo)  # >= 2
     pos = jnp.clip(jnp.round((q + a_sample * sd_q) * ns + a_sample), 0, ns - 1).astype(jnp.int32)
     first = sample[pos]
@@ -260,7 +287,7 @@ def kth_keys(groups: Sequence[Sequence[Any]], ks, key_fn=None) -> _Search:
     quarters = st.lo + _i32(_offsets(jnp.array(_QUARTERS, jnp.float32), width))
     stalled = jnp.concatenate([quarters, (st.hi - 1)[None]])
     small = st.lo + _i32(jnp.minimum(jnp.arange(1, 5, dtype=jnp.uint32), width - 1))
-    later = jnp.where(st.stall >= _STALLS, stalled, interp)
+    later = _on_grid(jnp.where(st.stall >= _STALLS, stalled, interp), st.lo, st.hi, grid)
     # Few sample keys left inside the bracket: they are real keys, so probing one of them, s, and s - 1 resolves
     # the bracket at once when s is the k-th key. On lumpy (quantized) weights the bracket often comes down to
     # one run of equal keys that interpolation and quarters would take several passes to pin.
@@ -274,6 +301,10 @@ def kth_keys(groups: Sequence[Sequence[Any]], ks, key_fn=None) -> _Search:
         ((at + 1 < i_a + m) & (sample[jnp.minimum(at + 1, sample.shape[0] - 1)] == s))
     on_sample = (m >= 1) & ((m <= _SAMPLE_PROBES) | repeated)
     later = jnp.where(on_sample, jnp.stack([s - 1, later[1], later[2], s]), later)
+    # No grid key strictly inside the bracket and hi on the grid: on grid data hi is the only key left in it, so
+    # hi - 1 pins it (its count is c_lo); the key-space quarters go on where the data is off the grid after all.
+    tight = (grid > 1) & (st.hi > 0) & ((st.hi & (grid - 1)) == 0) & (((st.hi - 1) & -grid) <= st.lo)
+    later = jnp.where(tight, jnp.concatenate([(st.hi - 1)[None], quarters]), later)
     later = jnp.where(width <= 5, small, later)
     return jnp.sort(jnp.where(st.it == 0, first, later))
 
@@ -311,7 +342,7 @@ def kth_keys(groups: Sequence[Sequence[Any]], ks, key_fn=None) -> _Search:
   def body(carry):
     st, fl, consts = carry
     fl, consts = jax.lax.optimization_barrier((fl, consts))
-    xs = jax.vmap(probes)(per_group(st), sample, ns.astype(np.float32), q, sd_q, ks)   # (G, 4)
+    xs = jax.vmap(probes)(per_group(st), sample, ns.astype(np.float32), q, sd_q, ks, grid)   # (G, 4)
     on = active(st)   # converged groups keep their state
     if keys_jaxpr is not None:
       keys = jex.core.jaxpr_as_fun(jex.core.ClosedJaxpr(keys_jaxpr.jaxpr, consts))(*fl)

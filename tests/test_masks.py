@@ -198,6 +198,57 @@ def test_global_search_brackets_exactly_in_few_passes(kind):
     assert np.mean(passes) <= 6, passes
 
 
+
+def _bracket_is_exact(sorted_keys, st, k):
+  c_lo = np.searchsorted(sorted_keys, int(st.lo), "right")
+  c_hi = np.searchsorted(sorted_keys, int(st.hi), "right")
+  assert (int(st.c_lo), int(st.c_hi)) == (c_lo, c_hi)
+  assert c_lo < k <= c_hi
+  assert c_hi == k or int(st.hi) - int(st.lo) == 1
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_low_precision_weights_are_searched_on_their_grid(dtype):
+  """|w| of weights stored in bf16 / f16 has keys that are multiples of 2^16 / 2^13: the layer-scope search, whose
+  per-leaf sample is small, pins the k-th key in a few passes (12 and 14 before it probed the grid)."""
+  from jprune import _kth
+  leaves = [jnp.abs(jax.random.normal(jax.random.key(i), (2048, 1024)).astype(dtype).astype(jnp.float32))
+            for i in range(8)]
+  sorted_keys = [np.sort(np.asarray(_kth.keys(x)).ravel()) for x in leaves]
+  search = jax.jit(lambda ls, ks: _kth.kth_keys([[x] for x in ls], ks, _kth.keys))
+  for s in (0.5, 0.9, 0.99):
+    ks = [int(round(s * x.size)) for x in leaves]
+    st = search(leaves, ks)
+    for g, (sk, k) in enumerate(zip(sorted_keys, ks)):
+      _bracket_is_exact(sk, jax.tree.map(lambda f, g=g: f[g] if f.ndim else f, st), k)
+    assert int(st.it.max()) <= 5, np.asarray(st.it)
+
+
+def test_grid_guessed_from_the_sample_but_wrong_stays_exact():
+  """The grid is a guess from the sample: a leaf whose sampled entry is on the bf16 grid but whose other entries
+  sit off it, right at the k-th key, still gets the exact k-th key and exact masks."""
+  from jprune import _kth
+  a = np.abs(np.asarray(jax.random.normal(jax.random.key(0), (1024, 1024)).astype(jnp.bfloat16), np.float32))
+  v = np.sort(a.ravel())[900_000]
+  b = np.float32(v) * (1 + np.arange(16, dtype=np.float32) * np.float32(2.0 ** -20))
+  b[0] = np.float32(v)   # the one entry the strided sample takes from this 16-entry leaf: on the grid
+  tree = {"a": {"kernel": jnp.asarray(a)}, "b": {"kernel": jnp.asarray(b)}}
+  sorted_keys = np.sort(np.concatenate([np.asarray(_kth.keys(x)).ravel() for x in jax.tree.leaves(tree)]))
+  below = int(np.sum(a <= v))
+  search = jax.jit(lambda t, k: _kth.kth_key(jax.tree.leaves(t), k, _kth.keys))
+  topk = jax.jit(lambda t, s: jp.topk(t, s, scope="global"))
+  n = a.size + b.size
+  for k in range(below - 1, below + 17):
+    _bracket_is_exact(sorted_keys, search(tree, jnp.int32(k)), k)
+    flat = np.concatenate([a.ravel(), b])
+    order = np.lexsort((np.arange(n), flat))   # ties: leaf order, then row-major
+    want = np.ones(n, bool)
+    want[order[:k]] = False
+    m = topk(tree, k / n)
+    assert int(_kth.count_k(k / n, n)) == k
+    np.testing.assert_array_equal(np.concatenate([np.asarray(m["a"]["kernel"]).ravel(), np.asarray(m["b"]["kernel"])]), want)
+
+
 # ----------------------------------------------------------------------------------------------- issue #12
 def test_traced_and_eager_sparsity_prune_the_same_count():
   """A traced sparsity is float32: 0.3·95 rounds to 29 in float32 arithmetic but is 28 = round(0.3·95)."""
