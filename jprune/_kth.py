@@ -485,12 +485,11 @@ def _straddle(key_of, ops, hi: jax.Array, r: jax.Array) -> jax.Array:
   """Keep-mask of the leaf where the r-th tie falls: keys > hi, and the ties (keys == hi) of row-major rank >= r.
 
   The leaf's keys are `key_of(ops)`. The flat leaf is viewed as rows; ties are counted per row, and only the
-  row (at most 512 entries) holding the r-th tie is ranked, by one sort of its tie positions (a flat cumsum
-  over a large leaf costs
-  many passes on CPU). That gives one number, the flat index of the first tie kept, so the mask is one
-  elementwise pass: two passes over the leaf in all (the row counts, then the mask). Optimization barriers keep the stages
-  apart, each computing the keys again from `ops` (else XLA materializes them as a fresh leaf-sized buffer):
-  4096² in 6 ms instead of 31.
+  row (at most 512 entries) holding the r-th tie is ranked, by one sort of its tie positions (a flat cumsum over
+  a large leaf costs many passes on CPU). That gives one number, the flat index of the first tie kept, so the
+  mask is one elementwise pass: two passes over the leaf in all (the row counts, then the mask). Optimization
+  barriers keep the stages apart, each computing the keys again from `ops` (else XLA materializes them as a
+  fresh leaf-sized buffer): 4096² in 6 ms instead of 31.
   """
   key = key_of(ops)
   shape, n = key.shape, key.size
