@@ -477,18 +477,20 @@ def _cumsum(x: jax.Array) -> jax.Array:
 
 
 def _nth_true(eq: jax.Array, r: jax.Array) -> jax.Array:
-  """Index of the r-th True (r >= 1) of a 1-D bool array (its length when it has fewer), from running counts of
-  its Trues: within blocks of 64 and over the blocks' totals, each one small int32 product with a triangular
-  matrix (a few instructions to compile, where a cumsum's reduce-windows expand into dozens)."""
+  """Index of the r-th True (r >= 1) of a 1-D bool array of at most 2^24 entries (its length when it has fewer),
+  from running counts of its Trues: within blocks of 64 and over the blocks' totals, each one small product with
+  a triangular matrix (a few instructions to compile, where a cumsum's reduce-windows expand into dozens).
+  Float32 products of 0/1 and block totals <= 64 are exact on every backend, bf16 passes included."""
   n = eq.shape[0]
   b = 64
   nb = -(-n // b)
-  e = jnp.pad(eq.astype(jnp.int32), (0, nb * b - n)).reshape(nb, b)
+  e = jnp.pad(eq.astype(jnp.float32), (0, nb * b - n)).reshape(nb, b)
   upper = lambda m, strict: (jax.lax.broadcasted_iota(jnp.int32, (m, m), 0) + strict
-                             <= jax.lax.broadcasted_iota(jnp.int32, (m, m), 1)).astype(jnp.int32)
-  within = jnp.matmul(e, upper(b, 0), preferred_element_type=jnp.int32)              # Trues in the block up to i
-  before = jnp.matmul(within[:, -1], upper(nb, 1), preferred_element_type=jnp.int32)  # Trues in earlier blocks
-  return jnp.minimum(jnp.sum(within + before[:, None] < r, dtype=jnp.int32), n)
+                             <= jax.lax.broadcasted_iota(jnp.int32, (m, m), 1)).astype(jnp.float32)
+  hi = jax.lax.Precision.HIGHEST
+  within = jnp.matmul(e, upper(b, 0), precision=hi)                # Trues in the block up to each entry
+  before = jnp.matmul(within[:, -1], upper(nb, 1), precision=hi)   # Trues in the blocks before
+  return jnp.minimum(jnp.sum(within + before[:, None] < r.astype(jnp.float32), dtype=jnp.int32), n)
 
 
 def _straddle(key_of, ops, hi: jax.Array, r: jax.Array) -> jax.Array:
