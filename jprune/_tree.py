@@ -124,15 +124,22 @@ def check_broadcastable(params: PyTree, masks: PyTree) -> None:
       raise TypeError(f"mask at {path!r} has dtype {jnp.result_type(m)}; masks are bool (True = keep).")
 
 
+_nonfinite_counts = jax.jit(lambda xs: [jnp.sum(~jnp.isfinite(x), dtype=jnp.int32) for x in xs])
+
+
 def check_finite(scores: PyTree, name: str = "scores") -> None:
-  """Raises ValueError naming the first leaf with NaN/inf entries (skipped for traced values)."""
-  for path, s in leaves_with_paths(scores):
-    if is_traced(s) or isinstance(s, jax.ShapeDtypeStruct) or not hasattr(s, "dtype"):
-      continue
-    if not jnp.issubdtype(s.dtype, jnp.floating):
-      continue
-    with jax.ensure_compile_time_eval():   # a concrete array inside a trace (a cond branch's closure) included
-      n = int(jnp.sum(~jnp.isfinite(s)))
+  """Raises ValueError naming the first leaf with NaN/inf entries (skipped for traced values).
+
+  One jitted count over all float leaves and one transfer to the host (a count and a sync per leaf cost eager
+  `topk` on LeNet-300-100 0.76 ms a call, most of its overhead over the jitted call)."""
+  items = [(path, s) for path, s in leaves_with_paths(scores)
+           if not (is_traced(s) or isinstance(s, jax.ShapeDtypeStruct) or not hasattr(s, "dtype"))
+           and jnp.issubdtype(s.dtype, jnp.floating)]
+  if not items:
+    return
+  with jax.ensure_compile_time_eval():   # a concrete array inside a trace (a cond branch's closure) included
+    counts = [int(n) for n in jax.device_get(_nonfinite_counts([s for _, s in items]))]
+  for (path, _), n in zip(items, counts):
     if n:
       raise ValueError(f"{name} at {path!r} contain {n} NaN/inf entries; scores must be finite.")
 

@@ -91,3 +91,14 @@ def test_errors_name_the_path():
   # int leaves are never selected by regex: pruned() on a tree with an int counter just works
   tx = jp.pruned(optax.sgd(0.1), schedule=jp.constant(0.5), where=".*")
   assert jp.masks_of(tx.init(params))["enc"]["step"].shape == ()
+
+
+def test_nonfinite_scores_name_the_first_bad_leaf():
+  """All float leaves are checked in one program: the error still names the first leaf with NaN/inf and its
+  count, eagerly and for concrete scores closed over inside a trace."""
+  bad = {"a": {"kernel": jnp.ones((3, 3))}, "b": {"kernel": jnp.array([[1.0, jnp.nan], [jnp.inf, 2.0]])},
+         "c": {"kernel": jnp.array([[jnp.inf, 1.0]])}}
+  with pytest.raises(ValueError, match=r"'b/kernel' contain 2 NaN/inf"):
+    jp.topk(bad, 0.5)
+  with pytest.raises(ValueError, match=r"'b/kernel' contain 2 NaN/inf"):
+    jax.jit(lambda: jp.topk(bad, 0.5))()
