@@ -212,7 +212,7 @@ def _group_sample(keys: Sequence[jax.Array], total: int, size: int) -> jax.Array
   return jnp.concatenate(parts)
 
 
-def _grid(sample: jax.Array, ns) -> jax.Array:
+def _grid(sample: jax.Array) -> jax.Array:
   """Per group, the largest power of two G that divides every positive key of its sample (1 when it has none).
 
   Weights stored in low precision (bf16, f16, dequantized int8 blocks) have float32 scores whose low mantissa
@@ -221,7 +221,7 @@ def _grid(sample: jax.Array, ns) -> jax.Array:
   space bit by bit. It is a guess from the sample: counts stay exact whatever the data, and off-grid entries only
   cost passes.
   """
-  valid = (jnp.arange(sample.shape[1])[None, :] < jnp.asarray(ns)[:, None]) & (sample > 0) & (sample < _INT_MAX)
+  valid = (sample > 0) & (sample < _INT_MAX)     # INT_MAX: the padding (no score has that key)
   tz = jax.lax.population_count((sample & -sample) - 1)             # trailing zero bits of a positive key
   bits = jnp.min(jnp.where(valid, tz, 31), axis=1)
   return jnp.where(jnp.any(valid, axis=1), jnp.left_shift(jnp.int32(1), jnp.minimum(bits, 23)), 1)
@@ -280,7 +280,7 @@ def kth_keys(groups: Sequence[Sequence[Any]], ks, key_fn=None) -> _Search:
   sample = jnp.stack(sorted_parts)
   q = ks.astype(jnp.float32) / totals.astype(np.float32)
   sd_q = jnp.sqrt(q * (1.0 - q) / ns.astype(np.float32))
-  grid = _grid(sample, ns)
+  grid = _grid(sample)
   a_sample, a_count = jnp.array(_SAMPLE_SD, jnp.float32), jnp.array(_COUNT_SD, jnp.float32)
 
   def probes(st: _Search, sample, ns, q, sd_q, k, grid) -> jax.Array:   # one group
@@ -412,7 +412,9 @@ def prune_lowest_groups(groups: Sequence[Sequence[Any]], ks: Sequence[Any], key_
       xs = [key_fn(u) for u in grp]
       flat = jnp.concatenate([_replicated(x).reshape(-1) for x in xs])
       hi = jnp.sort(flat)[jnp.clip(k - 1, 0, total - 1)]
-      last = _nth_true(flat == hi, k - jnp.sum(flat < hi, dtype=jnp.int32))
+      # the (k - #below)-th tie (1-based) is pruned last: its index is the number of running tie counts below that
+      last = jnp.sum(_cumsum((flat == hi).astype(jnp.int32)) < k - jnp.sum(flat < hi, dtype=jnp.int32),
+                     dtype=jnp.int32)
       masks, offset = [], 0
       for x in xs:
         at = offset + jnp.arange(x.size, dtype=jnp.int32).reshape(x.shape)
@@ -474,23 +476,6 @@ def _cumsum(x: jax.Array) -> jax.Array:
   totals = within[:, -1]
   before = jax.lax.reduce_window(totals, 0, jax.lax.add, (nb,), (1,), [(nb - 1, 0)]) - totals
   return (within + before[:, None]).reshape(n)
-
-
-def _nth_true(eq: jax.Array, r: jax.Array) -> jax.Array:
-  """Index of the r-th True (r >= 1) of a 1-D bool array of at most 2^24 entries (its length when it has fewer),
-  from running counts of its Trues: within blocks of 64 and over the blocks' totals, each one small product with
-  a triangular matrix (a few instructions to compile, where a cumsum's reduce-windows expand into dozens).
-  Float32 products of 0/1 and block totals <= 64 are exact on every backend, bf16 passes included."""
-  n = eq.shape[0]
-  b = 64
-  nb = -(-n // b)
-  e = jnp.pad(eq.astype(jnp.float32), (0, nb * b - n)).reshape(nb, b)
-  upper = lambda m, strict: (jax.lax.broadcasted_iota(jnp.int32, (m, m), 0) + strict
-                             <= jax.lax.broadcasted_iota(jnp.int32, (m, m), 1)).astype(jnp.float32)
-  hi = jax.lax.Precision.HIGHEST
-  within = jnp.matmul(e, upper(b, 0), precision=hi)                # Trues in the block up to each entry
-  before = jnp.matmul(within[:, -1], upper(nb, 1), precision=hi)   # Trues in the blocks before
-  return jnp.minimum(jnp.sum(within + before[:, None] < r.astype(jnp.float32), dtype=jnp.int32), n)
 
 
 def _straddle(key_of, ops, hi: jax.Array, r: jax.Array) -> jax.Array:

@@ -162,6 +162,14 @@ def test_schedules():
   assert [t for t in range(10) if one.is_update(t)] == [5]
 
 
+def _bracket_is_exact(sorted_keys, st, k):
+  c_lo = np.searchsorted(sorted_keys, int(st.lo), "right")
+  c_hi = np.searchsorted(sorted_keys, int(st.hi), "right")
+  assert (int(st.c_lo), int(st.c_hi)) == (c_lo, c_hi)
+  assert c_lo < k <= c_hi
+  assert c_hi == k or int(st.hi) - int(st.lo) == 1
+
+
 @pytest.mark.parametrize("kind", ["abs_normal", "signed_normal", "lognormal", "ints", "half_zeros", "quantized", "grid"])
 def test_global_search_brackets_exactly_in_few_passes(kind):
   """The counting search's bracket is exact and short: a handful of passes on smooth data, bounded on ties."""
@@ -184,11 +192,7 @@ def test_global_search_brackets_exactly_in_few_passes(kind):
   for s in (0.1, 0.5, 0.9, 0.98):
     k = int(round(s * x.size))
     st = search(x, jnp.int32(k))
-    c_lo = np.searchsorted(sorted_keys, int(st.lo), "right")
-    c_hi = np.searchsorted(sorted_keys, int(st.hi), "right")
-    assert (int(st.c_lo), int(st.c_hi)) == (c_lo, c_hi)
-    assert c_lo < k <= c_hi
-    assert c_hi == k or int(st.hi) - int(st.lo) == 1  # exact, or hi is the k-th key itself (a tie)
+    _bracket_is_exact(sorted_keys, st, k)   # exact, or hi is the k-th key itself (a tie)
     passes.append(int(st.it))
   smooth = kind not in ("ints", "half_zeros", "quantized", "grid")
   assert max(passes) <= (9 if smooth else 12), passes
@@ -197,14 +201,6 @@ def test_global_search_brackets_exactly_in_few_passes(kind):
   if smooth:
     assert np.mean(passes) <= 6, passes
 
-
-
-def _bracket_is_exact(sorted_keys, st, k):
-  c_lo = np.searchsorted(sorted_keys, int(st.lo), "right")
-  c_hi = np.searchsorted(sorted_keys, int(st.hi), "right")
-  assert (int(st.c_lo), int(st.c_hi)) == (c_lo, c_hi)
-  assert c_lo < k <= c_hi
-  assert c_hi == k or int(st.hi) - int(st.lo) == 1
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
